@@ -1,0 +1,1 @@
+"""edgellama.quant: ONNX -> ONNX quantization passes."""

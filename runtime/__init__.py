@@ -1,0 +1,1 @@
+"""edgellama.runtime: ONNX Runtime sessions, generation, bench and parity."""

@@ -1,0 +1,237 @@
+"""torch -> ONNX through the edgellama function ops, then lowering and the model folder.
+
+`torch.onnx.export(dynamo=True)` translates each `edgellama::*` custom op into ONE node of the
+`edgellama` domain (schemas in `schemas.py`); the standard-ONNX bodies (`functions.py`) are
+attached afterwards, because the exporter's optimizer inlines any local function it is handed.
+The result is the `portable` target; `ort` and `onnx23` are graph passes over it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgellama.errors import ExportError
+from edgellama.export import folder as model_folder
+from edgellama.export import schemas
+from edgellama.export.model import Llama
+from edgellama.progress import SILENT, Progress
+
+TARGETS = ("portable", "ort", "onnx23")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+PROVIDERS = ("cpu", "cuda")
+MIN_OPSET, MAX_OPSET = 18, 23
+
+# Example sizes: all >= 2 and pairwise different, so torch.export cannot specialize a dynamic dim
+# by coincidence (a batch-1 example, or past == sequence, silently becomes a constant).
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 5
+
+
+# -- translations: one custom-domain node per torch custom op ----------------------------------------
+def _translations() -> dict[Any, Any]:
+    import onnxscript
+
+    schemas.register()
+    ell = onnxscript.values.Opset(schemas.DOMAIN, schemas.VERSION)
+
+    def rms_norm(x, weight, eps: float):
+        return ell.RMSNorm(x, weight, epsilon=eps)
+
+    def rotary(x, position_ids, cos_cache, sin_cache, num_heads: int):
+        return ell.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, num_heads=num_heads)
+
+    def gqa(q, k, v, past_k, past_v, attention_mask, num_heads: int, kv_num_heads: int, scale: float):
+        return ell.GroupQueryAttention(q, k, v, past_k, past_v, attention_mask,
+                                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale)
+
+    ops = torch.ops.edgellama
+    return {ops.rms_norm.default: rms_norm, ops.rotary.default: rotary, ops.gqa.default: gqa}
+
+
+class _Graph(torch.nn.Module):
+    """The exported signature: flat past tensors in, logits (fp32) and flat present tensors out."""
+
+    def __init__(self, model: Llama):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        logits, present = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        # Logits leave in fp32 whatever the weights: sampling and parity want full precision.
+        return logits.float(), present
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(n_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def export_onnx(model: Llama, *, dtype: str = "fp32", opset: int = 23) -> Any:
+    """The portable ONNX model (an `onnx_ir.Model`) of `model`, function bodies attached.
+
+    Weights are not copied: the returned model references the torch parameters.
+    """
+    import onnx_ir as ir
+
+    from edgellama.export.functions import function_protos
+
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    cfg = model.config
+    model = model.to(DTYPES[dtype]).eval()
+    b, s, p = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    pos = torch.arange(p, p + s).expand(b, s).contiguous()
+    kv = (b, cfg.num_key_value_heads, p, cfg.head_dim)
+    past = [(torch.zeros(kv, dtype=DTYPES[dtype]), torch.zeros(kv, dtype=DTYPES[dtype]))
+            for _ in range(cfg.num_hidden_layers)]
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    past_seq, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+               "position_ids": {0: batch, 1: seq},
+               "past_key_values": [({0: batch, 2: past_seq}, {0: batch, 2: past_seq}) for _ in past]}
+    inputs, outputs = io_names(cfg.num_hidden_layers)
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # The exporter's step banners and axis-renaming warnings are not actionable for our users;
+        # our own progress lines say what is happening.
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Graph(model), (ids, mask, pos, past), dynamo=True, dynamic_shapes=dynamic,
+            input_names=inputs, output_names=outputs, opset_version=opset,
+            custom_translation_table=_translations(), optimize=True, verbose=False,
+        )
+    ir_model = program.model
+    for node in ir_model.graph:
+        node.metadata_props.clear()  # per-node torch stack traces: most of the file for small models
+    for proto in function_protos(opset):
+        fn = ir.serde.deserialize_function(proto)
+        ir_model.functions[fn.identifier()] = fn
+    ir_model.opset_imports[schemas.DOMAIN] = schemas.VERSION
+    ir_model.producer_name, ir_model.producer_version = "edgellama", _version()
+    _name_dims(ir_model)
+    check_dynamic(ir_model)
+    return ir_model
+
+
+def _name_dims(ir_model: Any) -> None:
+    """Give present tensors the readable dim name `total_sequence` (the exporter writes an expression)."""
+    import onnx_ir as ir
+
+    for v in ir_model.graph.outputs:
+        if v.name.startswith("present.") and v.shape is not None:
+            dims = list(v.shape)
+            dims[2] = ir.SymbolicDim("total_sequence")
+            v.shape = ir.Shape(dims)
+
+
+def check_dynamic(ir_model: Any) -> None:
+    """Batch, sequence and past/total sequence dims must stay symbolic after export."""
+    want = {"input_ids": (0, 1), "attention_mask": (0, 1), "position_ids": (0, 1), "logits": (0, 1)}
+    for v in list(ir_model.graph.inputs) + list(ir_model.graph.outputs):
+        axes = want.get(v.name, (0, 2) if v.name.startswith(("past_key_values.", "present.")) else ())
+        for axis in axes:
+            dim = v.shape[axis] if v.shape is not None else None
+            if dim is None or isinstance(dim, int):
+                raise ExportError(f"export specialized dim {axis} of {v.name} to {dim!r}; it must stay dynamic")
+
+
+def lower(ir_model: Any, *, target: str, provider: str = "cpu") -> Any:
+    """Apply the lowering pass of `target` to a portable model (onnx_ir in, onnx_ir out)."""
+    import onnx_ir as ir
+
+    if target == "portable":
+        return ir_model
+    if target == "ort":
+        from edgellama.export.lower_ort import lower_ort as lower_fn
+    elif target == "onnx23":
+        from edgellama.export.lower_onnx23 import lower_onnx23 as lower_fn
+    else:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    kwargs = {"provider": provider} if target == "ort" else {}
+    result = lower_fn(ir_model, **kwargs)
+    return ir.serde.deserialize_model(result) if not isinstance(result, ir.Model) else result
+
+
+def describe_io(ir_model: Any) -> dict[str, Any]:
+    def one(v):
+        return {"name": v.name, "dtype": str(v.dtype.name).lower() if v.dtype is not None else None,
+                "shape": [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None}
+
+    return {"inputs": [one(v) for v in ir_model.graph.inputs], "outputs": [one(v) for v in ir_model.graph.outputs]}
+
+
+def _version() -> str:
+    import edgellama
+
+    return edgellama.__version__
+
+
+def export_model(source: str, out: Path | str, *, target: str = "portable", dtype: str = "fp32",
+                 opset: int = 23, provider: str = "cpu", force: bool = False,
+                 progress: Progress = SILENT) -> Path:
+    """Export `source` (HF folder, .gguf, `smollm2`, `tiny`) to a complete model folder at `out`.
+
+    Checks every argument before loading anything; writes atomically (see folder.py).
+    """
+    from edgellama.export.sources import load_model
+
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if provider not in PROVIDERS:
+        raise ExportError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if target == "onnx23" and opset != 23:
+        raise ExportError(f"--target onnx23 needs --opset 23 (got {opset})")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    out = Path(out)
+    model_folder.check_output(out, force=force)
+    timings: dict[str, float] = {}
+
+    def timed(name):
+        timings[name] = time.perf_counter()
+        return progress.step(name)
+
+    with timed("load source"):
+        model, tokenizer, info = load_model(source)
+    with timed("export to ONNX (portable)"):
+        ir_model = export_onnx(model, dtype=dtype, opset=opset)
+    if target != "portable":
+        with timed(f"lower to {target}"):
+            ir_model = lower(ir_model, target=target, provider=provider)
+    with model_folder.staged_folder(out, force=force) as tmp, timed("write model folder"):
+        model_folder.save_model(ir_model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        io = describe_io(ir_model)
+        model_folder.write_genai_config(tmp, model.config, io={"inputs": [i["name"] for i in io["inputs"]]})
+        model_folder.write_manifest(tmp, {
+            "source": info,
+            "config": model.config.to_dict(),
+            "target": target,
+            "dtype": dtype,
+            "provider": provider,
+            "opset": opset,
+            "quantization": [],
+            "io": io,
+            "packages": model_folder.package_versions(),
+        })
+    return out

@@ -1,0 +1,68 @@
+"""Check that an exported model computes what its reference computes: torch or another folder.
+
+Runs the same token streams on both sides: logits at prefill and at every decode step through the
+KV cache (teacher-forced on the reference's greedy tokens, so one early flip does not cascade),
+the present KV cache, and free-running greedy generations. Metrics: max abs / relative / 99.9th
+percentile error, cosine, mean and max KL of the next-token distribution, top-1 / top-5
+agreement, and the step where greedy decoding first diverges. Tolerances follow the model's
+precision (fp32, fp16, int8, int4; see --tolerance). On a failure the first block (RMSNorm, RoPE,
+attention, MLP) whose output leaves tolerance is named with its layer.
+
+Beyond optimum's export validation (one random input, atol only), polygraphy (no KL, top-k or
+decode metrics) and onnxruntime's llama_parity (signed max difference only): real prompts,
+left-padded batches, decode steps through the cache, distribution metrics, localization.
+
+Exit status: 0 pass, 1 fail, 2 error (missing or corrupted model, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", type=Path, help="exported model folder to check")
+    p.add_argument("--reference", default="torch", metavar="torch|OTHER_MODEL",
+                   help="torch: the fp32 torch blocks of the source recorded in MODEL's manifest (default); "
+                        "or another model folder (e.g. the fp32 export when MODEL is int8)")
+    p.add_argument("--providers", default="cpu", metavar="P[,P]",
+                   help="comma-separated providers MODEL runs on, one comparison each (cpu, cuda; default cpu)")
+    p.add_argument("--reference-provider", default="cpu", choices=["cpu", "cuda"],
+                   help="provider of a folder reference (default cpu): MODEL --reference MODEL --providers cuda "
+                        "compares CUDA against CPU")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line (default: built-in prompts)")
+    p.add_argument("--decode-steps", type=int, default=8, metavar="N", help="decode steps after prefill (default 8)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"],
+                   help="tolerance table to use (default: read from the manifests' dtype and quantization)")
+    p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one tolerance (repeatable), e.g. kl_mean=1e-3 or greedy_match=none")
+    p.add_argument("--no-localize", action="store_true", help="on a failure, do not rerun to find the first bad block")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON (docs/parity-schema.md)")
+    p.add_argument("--markdown", type=Path, metavar="FILE",
+                   help="append a markdown summary, e.g. --markdown \"$GITHUB_STEP_SUMMARY\"")
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no table (exit status only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellama.runtime import parity, parity_report
+    from edgellama.runtime.parity_tolerances import parse_overrides
+
+    overrides = parse_overrides(args.tolerance)
+    prompts = parity.read_prompts(args.prompts) if args.prompts else None
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(f"[edgellama] {msg}", file=sys.stderr, flush=True)
+
+    report = parity.run_parity(args.model, reference=args.reference, providers=providers,
+                               reference_provider=args.reference_provider, prompts=prompts,
+                               decode_steps=args.decode_steps, tolerances=overrides, precision=args.precision,
+                               localize_failures=not args.no_localize, threads=args.threads, progress=say)
+    parity_report.write(report, json_path=args.json, markdown_path=args.markdown)
+    if not args.quiet:
+        print(parity_report.to_text(report))
+    return 0 if parity.report_passed(report) else 1

@@ -1,0 +1,283 @@
+"""One exported model folder as an ONNX Runtime session, checked before it is trusted.
+
+`OrtModel` verifies the folder (manifest, sizes, hashes), refuses external data that points
+outside it, picks the execution provider, and offers one plain-numpy `forward` over the graph
+contract of ARCHITECTURE.md. The Generator (generator.py) drives the same session through
+OrtValues / IO binding so the KV cache never round-trips through numpy.
+
+Provider choice: `cuda` means CUDA or an error (ProviderError); with `strict` (the default for
+cuda) ONNX Runtime's silent CPU fallback for unsupported nodes is disabled
+(`session.disable_cpu_ep_fallback`), so a model that would run partly on the CPU fails loudly
+instead of running slowly. `auto` takes CUDA when it can start here, else the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgellama.errors import ModelFolderError, ProviderError, RuntimeInputError
+from edgellama.export import folder as model_folder
+from edgellama.export.config import LlamaConfig
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None,
+              "tensor(int64)": np.int64}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - a dependency of the package
+        raise ProviderError(f"onnxruntime is not installed ({e})") from None
+    return onnxruntime
+
+
+# -- providers ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def cuda_status() -> tuple[bool, str]:
+    """(available, reason): whether ONNX Runtime's CUDA provider can start on this machine.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even where CUDA cannot load, and then silently
+    runs on the CPU; so this loads the provider library (its dlopen error names the missing CUDA
+    library) and starts a one-node session on it. Cached: the answer does not change in a process.
+    """
+    ort = _ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, f"this onnxruntime build ({ort.__version__}) has no CUDA provider (install onnxruntime-gpu)"
+    lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if lib.is_file():
+        try:
+            ctypes.CDLL(str(lib), mode=getattr(os, "RTLD_LAZY", 1))
+        except OSError as e:
+            reason = str(e).removeprefix(f"{lib}: ").strip()
+            return False, f"the CUDA provider cannot load: {reason}"
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts,
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - any failure means "not available"
+        return False, f"the CUDA provider failed to start ({str(e).splitlines()[0]})"
+    if "CUDAExecutionProvider" not in sess.get_providers():
+        return False, "the CUDA provider failed to start (no usable GPU or CUDA/cuDNN libraries)"
+    return True, "ok"
+
+
+def resolve_provider(provider: str, *, notice=None) -> str:
+    """'cpu' or 'cuda' for a requested 'auto' | 'cpu' | 'cuda'; ProviderError when cuda cannot start."""
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "cpu":
+        return "cpu"
+    ok, reason = cuda_status()
+    if provider == "cuda":
+        if not ok:
+            raise ProviderError(f"CUDA is not available: {reason}")
+        return "cuda"
+    if ok:
+        return "cuda"
+    ort = _ort()
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        # A GPU build that cannot use the GPU: say so once, the user probably expected CUDA.
+        (notice or _stderr_notice)(f"edgellama: running on CPU; CUDA is not available ({reason})")
+    return "cpu"
+
+
+def _stderr_notice(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- the model ------------------------------------------------------------------------------------
+class OrtModel:
+    """An exported model folder on one ONNX Runtime session.
+
+    `extra_outputs` names intermediate values (node outputs of the main graph) to expose as
+    extra graph outputs; parity uses it to read block outputs. The graph is then edited in
+    memory and the session built from bytes, with ONNX Runtime told where the external weights
+    live (`session.model_external_initializers_file_folder_path`): nothing is ever written into
+    the model folder.
+    """
+
+    def __init__(self, folder: str | Path, *, provider: str = "auto", strict: bool | None = None,
+                 threads: int | None = None, extra_outputs: Sequence[str] = (), verify: bool = True,
+                 optimization: str = "all", session_config: dict[str, str] | None = None):
+        ort = _ort()
+        self.folder = Path(folder)
+        if verify:
+            self.manifest = model_folder.verify_folder(self.folder)
+        else:
+            self.manifest = model_folder.read_manifest(self.folder)
+        try:
+            self.config = LlamaConfig.from_dict(self.manifest["config"])
+        except (KeyError, TypeError) as e:
+            raise ModelFolderError(f"{self.folder}: the manifest has no usable config ({e})") from None
+        # Reads model.onnx without weights: refuses external data outside the folder, and is the
+        # graph we edit for extra outputs.
+        proto = model_folder.load_model_proto(self.folder, with_weights=False)
+        self.provider = resolve_provider(provider)
+        self.strict = (self.provider == "cuda") if strict is None else bool(strict)
+        self.threads = threads
+        opts = session_options(threads=threads, strict=self.strict and self.provider != "cpu",
+                               optimization=optimization, config=session_config)
+        providers = [_ORT_PROVIDER[self.provider]]
+        if self.provider == "cuda" and not self.strict:
+            providers.append("CPUExecutionProvider")
+        self.extra_outputs = list(dict.fromkeys(extra_outputs))
+        try:
+            if self.extra_outputs:
+                known = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+                missing = [n for n in self.extra_outputs if n not in known]
+                if missing:
+                    raise RuntimeInputError(f"{self.folder}: no value named {', '.join(map(repr, missing))} "
+                                            "in the main graph")
+                import onnx
+
+                present = {o.name for o in proto.graph.output}
+                for name in self.extra_outputs:
+                    if name not in present:
+                        proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(self.folder.resolve()))
+                self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
+            else:
+                self.session = ort.InferenceSession(str(self.folder / model_folder.MODEL), opts,
+                                                    providers=providers)
+        except RuntimeInputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if self.provider == "cuda" and "fallback" in first.lower():
+                raise ProviderError(f"{self.folder}: some nodes have no CUDA kernel and CPU fallback is "
+                                    "disabled (pass strict=False / --no-strict to allow it)") from None
+            raise ModelFolderError(f"{self.folder}: ONNX Runtime cannot load the model: {first}") from None
+        if self.provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ProviderError("CUDA is not available: the session fell back to the CPU")
+        self._check_io()
+
+    # -- graph contract ---------------------------------------------------------------------------
+    def _check_io(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        n = self.config.num_hidden_layers
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
+        self.present_names = [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
+        want_in = ["input_ids", "attention_mask", "position_ids", *self.past_names]
+        missing = [name for name in want_in if name not in inputs]
+        missing += [name for name in ["logits", *self.present_names] if name not in outputs]
+        if missing:
+            raise ModelFolderError(f"{self.folder}: model.onnx does not follow the edgellama graph contract "
+                                   f"(missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+        self.input_names = list(inputs)
+        self.output_names = ["logits", *self.present_names, *[o for o in self.extra_outputs if o not in
+                                                               ("logits", *self.present_names)]]
+        kv_type = inputs[self.past_names[0]].type
+        dtype = _NP_DTYPES.get(kv_type)
+        if dtype is None:
+            raise ModelFolderError(f"{self.folder}: unsupported KV cache type {kv_type}")
+        self.kv_dtype = np.dtype(dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of model.onnx.data (what a decode step reads from memory, to first order)."""
+        rec = self.manifest.get("files", {}).get(model_folder.DATA) or {}
+        return int(rec.get("bytes") or 0)
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """The past of a first call: [k0, v0, k1, v1, ...], each [batch, kv_heads, 0, head_dim]."""
+        shape = (batch, self.config.num_key_value_heads, 0, self.config.head_dim)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+
+    # -- input checks -------------------------------------------------------------------------------
+    def check_ids(self, input_ids: np.ndarray) -> None:
+        """Token ids must index the embedding table: ONNX Runtime's Gather would fail obscurely."""
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)].ravel()[0]
+            raise RuntimeInputError(f"token id {int(bad)} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def check_positions(self, position_ids: np.ndarray) -> None:
+        if position_ids.size and position_ids.max() >= self.max_positions:
+            raise RuntimeInputError(f"position {int(position_ids.max())} is past the model's context "
+                                    f"({self.max_positions} tokens)")
+
+    # -- plain numpy forward ----------------------------------------------------------------------------
+    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any,
+                past: Sequence[Any]) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+        """One call of the graph: (logits [B, S, V], present [k0, v0, ...], extra outputs by name).
+
+        `past` is the flat list [k0, v0, k1, v1, ...] (or (key, value) pairs), as `empty_past` and
+        the previous call's `present` give it.
+        """
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if ids.ndim != 2 or mask.ndim != 2 or pos.shape != ids.shape or mask.shape[0] != ids.shape[0]:
+            raise RuntimeInputError(f"input shapes do not fit: input_ids {ids.shape}, attention_mask {mask.shape}, "
+                                    f"position_ids {pos.shape}")
+        self.check_ids(ids)
+        self.check_positions(pos)
+        flat = _flatten(past)
+        if len(flat) != len(self.past_names):
+            raise RuntimeInputError(f"expected {len(self.past_names)} past tensors, got {len(flat)}")
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        for name, value in zip(self.past_names, flat):
+            feeds[name] = np.ascontiguousarray(value, dtype=self.kv_dtype)
+        if mask.shape[1] != flat[0].shape[2] + ids.shape[1]:
+            raise RuntimeInputError(f"attention_mask covers {mask.shape[1]} positions; past ({flat[0].shape[2]}) "
+                                    f"+ input ({ids.shape[1]}) is {flat[0].shape[2] + ids.shape[1]}")
+        out = self.session.run(self.output_names, feeds)
+        n = 1 + len(self.present_names)
+        return out[0], list(out[1:n]), dict(zip(self.output_names[n:], out[n:]))
+
+
+def _flatten(past: Sequence[Any]) -> list[Any]:
+    past = list(past)
+    if past and isinstance(past[0], (tuple, list)):
+        return [t for pair in past for t in pair]
+    return past
+
+
+def session_options(*, threads: int | None = None, strict: bool = False, optimization: str = "all",
+                    config: dict[str, str] | None = None) -> Any:
+    """ONNX Runtime SessionOptions as edgellama uses them everywhere (runtime, bench, parity)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise RuntimeInputError(f"unknown optimization level {optimization!r}; choose one of {', '.join(levels)}")
+    opts.graph_optimization_level = levels[optimization]
+    opts.log_severity_level = 3
+    if threads is not None:
+        if threads < 1:
+            raise RuntimeInputError(f"threads must be at least 1, got {threads}")
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if strict:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    return opts

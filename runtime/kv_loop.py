@@ -1,0 +1,125 @@
+"""One generation call's trip through the graph: prefill, then one token per step over the KV cache.
+
+The exported graph returns `present = past ++ new` for every layer, so the cheapest loop hands
+each call's present tensors back as the next call's past without looking at them. Three ways to
+do that, one class each:
+
+  numpy      `session.run` with numpy arrays: the reference path (every present is copied to numpy)
+  ortvalue   `run_with_ort_values`: presents stay ONNX Runtime OrtValues, fed back untouched
+  iobinding  an IO binding per call: presents are bound to the provider's device (CUDA memory on
+             a GPU) and re-bound as the next past; only the logits come to the host
+
+All state lives in the object, one per call, so concurrent calls on one session never share it.
+CUDA graphs are not used: the cache grows by one slot a step, and a captured graph needs fixed
+shapes and addresses (that needs a preallocated, shared past/present buffer, which the edgellama
+graph contract does not have).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgellama.errors import RuntimeInputError
+from edgellama.runtime.session import OrtModel
+
+MODES = ("numpy", "ortvalue", "iobinding")
+
+
+def default_mode(model: OrtModel) -> str:
+    # Measured on CPU (see bench): OrtValues and IO binding both avoid copying the cache to numpy;
+    # IO binding is the only way to keep it in GPU memory.
+    return "iobinding" if model.provider == "cuda" else "ortvalue"
+
+
+def make_loop(model: OrtModel, batch: int, *, mode: str | None = None) -> "_Loop":
+    mode = mode or default_mode(model)
+    if mode not in MODES:
+        raise RuntimeInputError(f"unknown KV loop mode {mode!r}; choose one of {', '.join(MODES)}")
+    return {"numpy": NumpyLoop, "ortvalue": OrtValueLoop, "iobinding": IoBindingLoop}[mode](model, batch)
+
+
+class _Loop:
+    def __init__(self, model: OrtModel, batch: int):
+        self.model = model
+        self.batch = batch
+        self.past_len = 0
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run one call; returns the last position's logits [B, V] (float32, on the host)."""
+        if attention_mask.shape[1] != self.past_len + input_ids.shape[1]:
+            raise RuntimeInputError("attention_mask must cover past + new tokens")
+        logits = self._run(np.ascontiguousarray(input_ids, np.int64), np.ascontiguousarray(attention_mask, np.int64),
+                           np.ascontiguousarray(position_ids, np.int64))
+        self.past_len = attention_mask.shape[1]
+        return logits
+
+    def _run(self, ids, mask, pos) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class NumpyLoop(_Loop):
+    def __init__(self, model: OrtModel, batch: int):
+        super().__init__(model, batch)
+        self.past: list[np.ndarray] = model.empty_past(batch)
+
+    def _run(self, ids, mask, pos):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(self.model.past_names,
+                                                                                            self.past))}
+        out = self.model.session.run(["logits", *self.model.present_names], feeds)
+        self.past = out[1:]
+        return out[0][:, -1, :]
+
+
+class OrtValueLoop(_Loop):
+    def __init__(self, model: OrtModel, batch: int):
+        super().__init__(model, batch)
+        import onnxruntime as ort
+
+        self._ov = ort.OrtValue
+        self._keep: list[np.ndarray] = []   # numpy buffers the OrtValues of the current call borrow
+        self.past: list[Any] = [self._wrap(a) for a in model.empty_past(batch)]
+
+    def _wrap(self, array: np.ndarray) -> Any:
+        self._keep.append(array)
+        return self._ov.ortvalue_from_numpy(array)
+
+    def _run(self, ids, mask, pos):
+        self._keep = []
+        feeds = {"input_ids": self._wrap(ids), "attention_mask": self._wrap(mask), "position_ids": self._wrap(pos),
+                 **dict(zip(self.model.past_names, self.past))}
+        out = self.model.session.run_with_ort_values(["logits", *self.model.present_names], feeds)
+        self.past = list(out[1:])
+        logits = out[0].numpy()
+        return logits[:, -1, :]
+
+
+class IoBindingLoop(_Loop):
+    def __init__(self, model: OrtModel, batch: int):
+        super().__init__(model, batch)
+        self.device = "cuda" if model.provider == "cuda" else "cpu"
+        self.binding = model.session.io_binding()
+        self.past: list[Any] | None = None
+        self._empty = model.empty_past(batch)
+
+    def _run(self, ids, mask, pos):
+        b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        # Inputs of a few int64s: host arrays, copied to the device by ONNX Runtime when it needs them.
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", mask)
+        b.bind_cpu_input("position_ids", pos)
+        for i, name in enumerate(self.model.past_names):
+            if self.past is None:
+                b.bind_cpu_input(name, self._empty[i])
+            else:
+                b.bind_ortvalue_input(name, self.past[i])
+        b.bind_output("logits", "cpu")
+        for name in self.model.present_names:
+            b.bind_output(name, self.device)    # left on the device, shape chosen by ONNX Runtime
+        self.model.session.run_with_iobinding(b)
+        out = b.get_outputs()
+        self.past = list(out[1:])
+        return out[0].numpy()[:, -1, :]

@@ -1,0 +1,81 @@
+"""Next-token choice from last-position logits: greedy, or temperature / top-k / top-p sampling.
+
+The filters match transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and
+`TopPLogitsWarper` (applied in that order, as `generate` does): top-k keeps every token whose
+logit ties the k-th largest; top-p drops the low tail whose cumulative probability is at most
+1 - top_p and always keeps the most likely token. The draw itself uses a caller-owned
+`numpy.random.Generator`, so one seed gives one result whatever else runs in the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from edgellama.errors import RuntimeInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise RuntimeInputError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise RuntimeInputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise RuntimeInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Temperature, then top-k, then top-p on [B, V] logits; removed tokens become -inf (float64)."""
+    x = np.asarray(logits, dtype=np.float64)
+    if params.temperature not in (0, 1):
+        x = x / params.temperature
+    else:
+        x = x.copy()
+    vocab = x.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = np.partition(x, vocab - params.top_k, axis=-1)[:, vocab - params.top_k][:, None]
+        x[x < kth] = -np.inf
+    if params.top_p < 1.0:
+        for row in x:
+            keep = np.flatnonzero(np.isfinite(row))
+            vals = row[keep]
+            order = np.argsort(vals, kind="stable")                 # ascending, as transformers sorts
+            probs = _softmax(vals[order])
+            remove = np.cumsum(probs) <= 1 - params.top_p
+            remove[-1] = False                                      # min_tokens_to_keep = 1
+            row[keep[order[remove]]] = -np.inf
+    return x
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def next_tokens(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> np.ndarray:
+    """One token id per row of [B, V] logits (int64 [B])."""
+    logits = np.asarray(logits)
+    if params.greedy:
+        return logits.argmax(axis=-1).astype(np.int64)     # first maximum, as torch.argmax
+    if rng is None:
+        raise RuntimeInputError("sampling needs a random generator (pass a seed)")
+    probs = _softmax(filter_logits(logits, params))
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(len(probs)) * cdf[:, -1]
+    # Inverse-CDF draw: the first token whose cumulative probability exceeds u (never a removed token,
+    # whose probability is exactly 0 and so never moves the CDF).
+    ids = np.array([np.searchsorted(row, ui, side="right") for row, ui in zip(cdf, u)], dtype=np.int64)
+    return np.minimum(ids, logits.shape[-1] - 1)

@@ -182,7 +182,8 @@ class OrtSide:
 
     kind = "onnxruntime"
 
-    def __init__(self, folder: Path, *, provider: str = "cpu", threads: int | None = None, label: str | None = None):
+    def __init__(self, folder: Path, *, provider: str = "cpu", threads: int | None = None,
+                 label: str | None = None, verify: bool = True):
         from edgellama.runtime.session import OrtModel
 
         self.folder = Path(folder)
@@ -190,7 +191,8 @@ class OrtSide:
         self.threads = threads
         self.label = label or f"{self.folder.name} ({provider})"
         self._model_cls = OrtModel
-        self.model = OrtModel(self.folder, provider=provider, strict=True, threads=threads)
+        # run_parity verified the folder's hashes once already; the probe session reuses that.
+        self.model = OrtModel(self.folder, provider=provider, threads=threads, verify=verify)
         self.manifest = self.model.manifest
         self.config = self.model.config
         self._probe_model = None
@@ -207,7 +209,7 @@ class OrtSide:
         found = find_probe_values(proto.graph, self.config.num_hidden_layers)
         self._probe_values = {k: v for k, (v, _) in found.items()}
         self.probe_names = {k: n for k, (_, n) in found.items()}
-        self._probe_model = self._model_cls(self.folder, provider=self.provider, strict=True, threads=self.threads,
+        self._probe_model = self._model_cls(self.folder, provider=self.provider, threads=self.threads, verify=False,
                                             extra_outputs=sorted(set(self._probe_values.values())))
 
     def forward(self, input_ids, attention_mask, position_ids, past, *, probes: bool = False):

@@ -1,0 +1,91 @@
+"""The runtime's speed goals, side by side: smollm2, batch 1, 64-token prompt, 128 new tokens.
+
+    python bench/speed.py --out out/speed                 # CPU, 2 threads, every precision
+    python bench/speed.py --out out/speed --precisions fp32 --targets portable,ort
+
+For each precision (fp32 export; int8 / int4 through quant.api.quantize_folder when it exists)
+and target, our Generator runs interleaved with onnxruntime-genai on its own builder's export of
+the same checkpoint at the same precision; fp32 adds transformers eager. Model folders and the
+builder's output are kept under --out, so a second run only measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/speed"))
+    ap.add_argument("--source", default="smollm2")
+    ap.add_argument("--precisions", default="fp32,int8,int4")
+    ap.add_argument("--targets", default="portable,ort")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args()
+
+    from edgellama.export.onnx_export import export_model
+    from edgellama.runtime import bench
+
+    def say(s):
+        print(f"[speed] {s}", file=sys.stderr, flush=True)
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    all_rows = []
+    for precision in args.precisions.split(","):
+        runners = []
+        for target in args.targets.split(","):
+            fp32 = out / f"{args.source}-{target}-fp32"
+            if not (fp32 / "edgellama.json").is_file():
+                say(f"exporting {args.source} ({target})")
+                export_model(args.source, fp32, target=target, force=True)
+            folder = fp32
+            if precision != "fp32":
+                folder = out / f"{args.source}-{target}-{precision}"
+                if not (folder / "edgellama.json").is_file():
+                    try:
+                        from edgellama.quant.api import quantize_folder
+                    except ImportError:
+                        say(f"no quant.api here: skipping {precision}")
+                        break
+                    say(f"quantizing {folder.name}")
+                    quantize_folder(fp32, folder, mode=precision, force=True)
+            runners.append(bench.OursRunner(folder, provider="cpu", threads=args.threads,
+                                            name=f"edgellama {target}"))
+        if not runners:
+            continue
+        hf = out / f"{args.source}-hf"
+        if not (hf / "config.json").is_file():
+            from edgellama.export.sources import save_hf_folder
+
+            say("writing the Hugging Face folder for onnxruntime-genai's builder")
+            save_hf_folder(args.source, hf)
+        built = bench.build_genai_model(hf, out / f"genai-{args.source}-{precision}", precision=precision)
+        runners.append(bench.GenaiRunner(built, name="onnxruntime-genai builder", precision=precision,
+                                         threads=args.threads))
+        runners.append(bench.GenaiRunner(runners[0].gen.model.folder, name="onnxruntime-genai on our folder",
+                                         precision=precision, threads=args.threads))
+        if precision == "fp32" and not args.no_torch:
+            runners.append(bench.TorchRunner(runners[0].gen.model.folder, threads=args.threads))
+        bandwidth = bench.measure_bandwidth()
+        prompt = bench.bench_prompt(runners[0].gen.config.vocab_size, args.prompt_tokens)
+        rows = bench.run_bench(runners, prompt=prompt, new_tokens=args.new_tokens, runs=args.runs,
+                               bandwidth=bandwidth, progress=say)
+        print(f"\n== {args.source} {precision}: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+              f"batch 1, CPU, {args.threads} threads, median of {args.runs}")
+        print(bench.format_table(rows, bandwidth=bandwidth), flush=True)
+        all_rows += [{**r.to_dict(), "bandwidth_bytes_per_s": bandwidth} for r in rows]
+    if args.json:
+        args.json.write_text(json.dumps(all_rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""A llama-architecture GGUF file as a LlamaConfig, HF-named fp32 weights and a Tokenizer.
+
+Reference: transformers' GGUF loader (`modeling_gguf_pytorch_utils.py`, `integrations/gguf/`), which
+reads the same file into `LlamaForCausalLM`: every tensor dequantized to fp32, llama.cpp's Q/K row
+permutation undone, the tokenizer rebuilt from `tokenizer.ggml.*` metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellama.errors import ConfigError, SourceError
+from edgellama.export.config import LlamaConfig
+
+_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+# Tensors a llama GGUF may carry that are not weights of the model: rope_freqs holds llama3 factors
+# (read into the config), rope_factors_* are per-length tables llama.cpp derives again itself.
+_NOT_WEIGHTS = re.compile(r"^(rope_freqs|rope_factors_\w+)\.weight$")
+
+# tokenizer.ggml.pre names whose merges were learned on Llama 3's split (llama.cpp's llama-vocab.cpp);
+# every other byte-level vocabulary (gpt2, smollm, ...) gets GPT-2's split, as transformers gives it.
+_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"}
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
+
+
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
+    """(config, {HF name: fp32 array}, Tokenizer or None) of a llama GGUF file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors on garbage
+        raise SourceError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {name: _value(field) for name, field in reader.fields.items()
+            if not name.startswith("tokenizer.ggml.") or name.endswith("_id")
+            or name in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise SourceError(f"{path}: GGUF architecture is {arch!r}; edgellama loads the llama architecture only")
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        config = _config(meta, tensors, reader)
+    except ConfigError as e:
+        raise SourceError(f"{path}: {e}") from None
+    weights = _weights(tensors, config, path)
+    return config, weights, _tokenizer(reader, meta)
+
+
+# -- metadata -------------------------------------------------------------------------------------
+def _value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # noqa: BLE001 - an exotic field type we never read
+        return None
+
+
+def _f32(value: float) -> float:
+    """GGUF stores floats as fp32; the shortest decimal that round-trips gives back the config's 1e-05."""
+    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+
+
+def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> LlamaConfig:
+    """transformers' `GGUF_CONFIG_MAPPING["llama"]`, plus llama3 rope scaling recovered from rope_freqs."""
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{key}")
+        return default if value is None else value
+
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    if not hidden or not heads:
+        raise ConfigError("metadata lacks llama.embedding_length / llama.attention.head_count")
+    vocab = get("vocab_size")
+    if not vocab and "tokenizer.ggml.tokens" in reader.fields:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if not vocab and "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[-1])
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
+    theta = _f32(get("rope.freq_base", 10000.0))
+    scaling = None
+    kind = get("rope.scaling.type")
+    if kind == "linear":
+        scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+    elif kind not in (None, "none"):
+        raise ConfigError(f"unsupported rope scaling {kind!r}; supported: linear, llama3")
+    if "rope_freqs.weight" in tensors:
+        scaling = _llama3_scaling(_array(tensors["rope_freqs.weight"]), theta=theta, head_dim=head_dim)
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=int(get("feed_forward_length", 0)),
+        num_hidden_layers=int(get("block_count", 0)), num_attention_heads=int(heads),
+        num_key_value_heads=int(get("attention.head_count_kv") or heads), head_dim=int(head_dim),
+        max_position_embeddings=int(get("context_length", 2048)),
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
+        rope_scaling=scaling, tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+
+
+def _llama3_scaling(factors: np.ndarray, *, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """llama3 rope parameters that reproduce the file's rope_freqs (the divisor of each frequency).
+
+    convert_hf_to_gguf writes the factors, not the parameters. Meta's releases use low 1, high 4 and an
+    original context of 8192; the factor is the largest divisor. Refuse a table these do not reproduce.
+    """
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if np.allclose(factors, 1.0):
+        return None
+    params = {"rope_type": "llama3", "factor": _f32(float(factors.max())), "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = params["original_max_position_embeddings"] / np.array([1.0, 4.0])
+    smooth = (params["original_max_position_embeddings"] / wavelen - 1.0) / (4.0 - 1.0)
+    want = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, params["factor"],
+                                                     1.0 / ((1 - smooth) / params["factor"] + smooth)))
+    if want.shape != factors.shape or not np.allclose(want, factors, rtol=1e-3):
+        raise ConfigError("rope_freqs does not match llama3 scaling with Meta's parameters; "
+                          "convert the model from its Hugging Face folder instead")
+    return params
+
+
+# -- weights --------------------------------------------------------------------------------------
+def _array(tensor: Any) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    # F32 tensors come back as read-only views of the memory-mapped file; torch wants its own copy
+    return np.require(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32, requirements=["C", "W"])
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf's `permute` of q_proj/k_proj rows.
+
+    llama.cpp rotates adjacent pairs (GPT-J layout), so the converter interleaves each head's two
+    halves: GGUF row (h, j, i) holds HF row (h, i, j) for i in {0, 1}, j < head_dim/2.
+    """
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _weights(tensors: dict[str, Any], config: LlamaConfig, path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    unknown = []
+    for name, tensor in tensors.items():
+        if _NOT_WEIGHTS.match(name):
+            continue
+        m = _LAYER.match(name)
+        if m and m.group(2) in _LAYER_NAMES:
+            hf = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+        elif name in _TOP_NAMES:
+            hf = _TOP_NAMES[name]
+        else:
+            unknown.append(name)
+            continue
+        w = _array(tensor)
+        if m and m.group(2) == "attn_q":
+            w = unpermute_rows(w, config.num_attention_heads)
+        elif m and m.group(2) == "attn_k":
+            w = unpermute_rows(w, config.num_key_value_heads)
+        out[hf] = w
+    if unknown:
+        raise SourceError(f"{path}: tensors a llama model does not have: {', '.join(sorted(unknown)[:5])}")
+    return out
+
+
+# -- tokenizer ------------------------------------------------------------------------------------
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are spelled in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _tokenizer(reader: Any, meta: dict[str, Any]) -> Any:
+    """transformers' GGUF byte-level ("gpt2") tokenizer; other vocabularies give None (no text I/O)."""
+    if meta.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in reader.fields:
+        return None
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+
+    from edgellama.export.tokenizer import Tokenizer
+
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    types = (list(reader.fields["tokenizer.ggml.token_type"].contents())
+             if "tokenizer.ggml.token_type" in reader.fields else [])
+    chars = _byte_chars()
+    alphabet = set(chars.values())
+
+    def spelled(token: str) -> str:
+        # some converters store a token as raw text; the BPE model looks tokens up byte-spelled
+        return token if set(token) <= alphabet else "".join(chars[b] for b in token.encode("utf-8"))
+
+    vocab = {spelled(t): i for i, t in enumerate(tokens)}
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    # control tokens stay whole and are skipped on decode; user-defined ones stay whole but are text.
+    # A "control" token spelled outside the byte alphabet is a converter mislabel transformers skips.
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet])
+    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    if user:
+        backend.add_tokens(user)
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    bos = token("bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[spelled(bos)])])
+    return Tokenizer(backend, chat_template=meta.get("tokenizer.chat_template"), bos_token=bos,
+                     eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
+                     unk_token=token("unknown_token_id"))

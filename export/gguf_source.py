@@ -63,13 +63,13 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
     except ConfigError as e:
         raise SourceError(f"{path}: {e}") from None
     weights = _weights(tensors, config, path)
-    return config, weights, _tokenizer(reader, meta)
+    return config, weights, _tokenizer(reader, meta, path)
 
 
 def read_gguf_tokenizer(path: Path) -> Any:
     """Only the tokenizer of a llama GGUF file (None for a vocabulary other than byte-level BPE)."""
     reader, meta = _open(path)
-    return _tokenizer(reader, meta)
+    return _tokenizer(reader, meta, path)
 
 
 # -- metadata -------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def _byte_chars() -> dict[int, str]:
     return table
 
 
-def _tokenizer(reader: Any, meta: dict[str, Any]) -> Any:
+def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     """transformers' GGUF byte-level ("gpt2") tokenizer; other vocabularies give None (no text I/O)."""
     if meta.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in reader.fields:
         return None
@@ -223,7 +223,10 @@ def _tokenizer(reader: Any, meta: dict[str, Any]) -> Any:
         return token if set(token) <= alphabet else "".join(chars[b] for b in token.encode("utf-8"))
 
     vocab = {spelled(t): i for i, t in enumerate(tokens)}
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad vocabulary
+        raise SourceError(f"{path}: malformed tokenizer metadata ({e})") from None
     if meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),

@@ -1,0 +1,141 @@
+"""edgellama GroupQueryAttention -> com.microsoft.GroupQueryAttention.
+
+Reference: `ops.gqa_ref` (transformers' eager attention with `repeat_kv`): query i of S sits at
+absolute slot T-S+i of the T = past + current keys and sees key j when j <= T-S+i and
+attention_mask[b, j] == 1; present = past ++ current, [B, kv_heads, T, D].
+
+ORT's kernel derives each row's causal window from `seqlens_k[b]` (= total length - 1) and
+assumes a row's padding sits at its END. Our batches are padded at the START, so every row gets
+`seqlens_k = T - 1` (the full window, which makes ORT's causal mask and cache append match ours
+exactly: past length T - S, new keys appended after it) and the left padding goes in as an
+additive `attention_bias` [B, 1, S, T] built like `ops.attention_bias` (causal AND mask; the
+dtype's finite minimum where masked, so padding rows stay finite). Past and present are separate
+tensors (no shared buffer), as the graph contract wants.
+
+Provider/dtype: ORT 1.31's CUDA GroupQueryAttention kernel is registered for float16 and
+bfloat16 only (onnxruntime/contrib_ops/cuda/cuda_contrib_kernels.cc; the installed
+libonnxruntime_providers_cuda.so instantiates GroupQueryAttention<MLFloat16|BFloat16, ...> and no
+float one), so for provider "cuda" with fp32 the check refuses and the edgellama function node
+stays: ORT inlines its standard-ONNX body (MatMul/Softmax/..., all with fp32 CUDA kernels).
+MultiHeadAttention (fp32 on CUDA) is not used instead: it needs as many KV heads as query heads,
+which would change the present cache's shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite
+
+# Dtypes each provider's GroupQueryAttention kernel is registered for in ORT 1.31
+# (CPU: contrib_ops/cpu/cpu_contrib_kernels.cc, float and MLFloat16; CUDA: see the docstring).
+KERNEL_DTYPES = {
+    "cpu": (ir.DataType.FLOAT, ir.DataType.FLOAT16),
+    "cuda": (ir.DataType.FLOAT16, ir.DataType.BFLOAT16),
+}
+
+
+def check(node: ir.Node, ctx: Lowering) -> str | None:
+    if len(node.inputs) != 6 or any(v is None for v in node.inputs):
+        return f"expected inputs (query, key, value, past_key, past_value, attention_mask), got {len(node.inputs)}"
+    q, k, v, past_k, past_v, mask = node.inputs
+    if len(node.outputs) != 3:
+        return f"expected outputs (output, present_key, present_value), got {len(node.outputs)}"
+    for attr in ("num_heads", "kv_num_heads", "scale"):
+        if attr not in node.attributes:
+            return f"no {attr} attribute"
+    supported = KERNEL_DTYPES[ctx.provider]
+    if q.dtype not in supported:
+        return (f"ONNX Runtime has no {q.dtype.name.lower()} GroupQueryAttention kernel for "
+                f"{ctx.provider} (registered: {', '.join(d.name.lower() for d in supported)}); "
+                "the edgellama function node stays and ORT runs its standard-op body")
+    if {k.dtype, v.dtype, past_k.dtype, past_v.dtype} != {q.dtype}:
+        return "query, key, value and the past caches do not share one dtype"
+    if mask.dtype != ir.DataType.INT64 or mask.shape is None or len(mask.shape) != 2:
+        return "attention_mask is not an int64 [batch, total_sequence] tensor"
+    if any(x.shape is None or len(x.shape) != 3 for x in (q, k, v)):
+        return "query/key/value are not [batch, sequence, heads*head_dim]"
+    if any(x.shape is None or len(x.shape) != 4 for x in (past_k, past_v)):
+        return "past caches are not [batch, kv_heads, past_sequence, head_dim]"
+    return None
+
+
+def _lengths(node: ir.Node, ctx: Lowering) -> tuple[ir.Value, ir.Value]:
+    """seqlens_k int32 [B] = T - 1 for every row, total_sequence_length int32 scalar = T."""
+    mask = node.inputs[5]
+    key = ("gqa_lengths", id(mask))
+    if key not in ctx.cache:
+        p = "ort/gqa_lengths/"
+        nodes = [
+            total := ir.node("Shape", [mask], {"start": 1, "end": 2}, name=p + "total"),            # [1]
+            batch := ir.node("Shape", [mask], {"start": 0, "end": 1}, name=p + "batch"),            # [1]
+            one := ir.node("Constant", [], {"value": ir.tensor(np.array([1], np.int64))}, name=p + "one"),
+            last := ir.node("Sub", [total.outputs[0], one.outputs[0]], name=p + "last"),
+            rows := ir.node("Expand", [last.outputs[0], batch.outputs[0]], name=p + "rows"),       # [B]
+            seqlens := ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.INT32}, name=p + "seqlens_k"),
+            scalar := ir.node("Squeeze", [total.outputs[0]], name=p + "scalar"),
+            total32 := ir.node("Cast", [scalar.outputs[0]], {"to": ir.DataType.INT32},
+                               name=p + "total_sequence_length"),
+        ]
+        seqlens.outputs[0].name = "ort/seqlens_k"
+        total32.outputs[0].name = "ort/total_sequence_length"
+        ctx.graph.insert_before(node, nodes)
+        ctx.cache[key] = (seqlens.outputs[0], total32.outputs[0])
+    return ctx.cache[key]
+
+
+def _bias(node: ir.Node, ctx: Lowering) -> ir.Value:
+    """Additive bias [B, 1, S, T] in the query's dtype: 0 where `ops.attention_bias` allows a key,
+    the dtype's finite minimum elsewhere. Built once from the first layer's query length."""
+    q, mask = node.inputs[0], node.inputs[5]
+    key = ("gqa_bias", id(mask), q.dtype)
+    if key not in ctx.cache:
+        p = "ort/attention_bias/"
+        np_dtype = q.dtype.numpy()
+
+        def c(name, array):
+            return ir.node("Constant", [], {"value": ir.tensor(array)}, name=p + name)
+
+        nodes = [
+            t1 := ir.node("Shape", [mask], {"start": 1, "end": 2}, name=p + "T"),
+            s1 := ir.node("Shape", [q], {"start": 1, "end": 2}, name=p + "S"),
+            t := ir.node("Squeeze", [t1.outputs[0]], name=p + "T_scalar"),
+            s := ir.node("Squeeze", [s1.outputs[0]], name=p + "S_scalar"),
+            zero := c("zero", np.array(0, np.int64)),
+            one := c("one", np.array(1, np.int64)),
+            start := ir.node("Sub", [t.outputs[0], s.outputs[0]], name=p + "first_query_slot"),
+            q_slot := ir.node("Range", [start.outputs[0], t.outputs[0], one.outputs[0]], name=p + "query_slots"),
+            k_slot := ir.node("Range", [zero.outputs[0], t.outputs[0], one.outputs[0]], name=p + "key_slots"),
+            axis1 := c("axis1", np.array([1], np.int64)),
+            q_col := ir.node("Unsqueeze", [q_slot.outputs[0], axis1.outputs[0]], name=p + "query_column"),
+            causal := ir.node("LessOrEqual", [k_slot.outputs[0], q_col.outputs[0]], name=p + "causal"),  # [S,T]
+            keep := ir.node("Cast", [mask], {"to": ir.DataType.BOOL}, name=p + "keep"),                  # [B,T]
+            axes12 := c("axes12", np.array([1, 2], np.int64)),
+            keep4 := ir.node("Unsqueeze", [keep.outputs[0], axes12.outputs[0]], name=p + "keep_b11t"),
+            allowed := ir.node("And", [keep4.outputs[0], causal.outputs[0]], name=p + "allowed"),     # [B,1,S,T]
+            zero_f := c("zero_f", np.array(0, np_dtype)),
+            min_f := c("min_f", np.array(np.finfo(np_dtype).min, np_dtype)),
+            bias := ir.node("Where", [allowed.outputs[0], zero_f.outputs[0], min_f.outputs[0]], name=p + "bias"),
+        ]
+        bias.outputs[0].name = "ort/attention_bias"
+        ctx.graph.insert_before(node, nodes)
+        ctx.cache[key] = bias.outputs[0]
+    return ctx.cache[key]
+
+
+def rewrite(node: ir.Node, ctx: Lowering) -> None:
+    q, k, v, past_k, past_v, _mask = node.inputs
+    seqlens_k, total = _lengths(node, ctx)
+    bias = _bias(node, ctx)
+    attrs = {name: node.attributes[name].value for name in ("num_heads", "kv_num_heads", "scale")}
+    # Inputs 7-9 (cos_cache, sin_cache, position_ids) stay empty: rotary is its own node.
+    new = ir.node("GroupQueryAttention",
+                  [q, k, v, past_k, past_v, seqlens_k, total, None, None, None, bias],
+                  attrs, domain=MS_DOMAIN, num_outputs=3, name=node.name)
+    ctx.graph.insert_before(node, new)
+    ctx.replace(list(node.outputs), list(new.outputs))
+    ctx.graph.remove(node, safe=True)
+
+
+REWRITES = (Rewrite("ms_group_query_attention", "GroupQueryAttention", check, rewrite),)

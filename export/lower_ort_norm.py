@@ -1,0 +1,92 @@
+"""edgellama RMSNorm -> ONNX Runtime's SkipSimplifiedLayerNormalization / SimplifiedLayerNormalization.
+
+Reference: `ops.rms_norm_ref` (transformers' LlamaRMSNorm: statistics in fp32, no mean
+subtraction, `weight * x_normalized`). ORT's kernels compute the same with fp32 statistics
+(`stash_type=1` for SimplifiedLayerNormalization; SkipSimplifiedLayerNormalization always
+accumulates in fp32).
+
+A Llama layer feeds each norm `residual + branch` and uses that same sum as the next residual,
+so the Skip variant replaces both the Add and the norm: its output 3 (`input_skip_bias_sum`)
+takes over every other use of the Add's result.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _norm_reason(node: ir.Node) -> str | None:
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return f"expected inputs (X, scale), got {len(node.inputs)}"
+    x, scale = node.inputs
+    if "epsilon" not in node.attributes:
+        return "no epsilon attribute"
+    if x.dtype not in _FLOATS:
+        return f"X has dtype {x.dtype}, ORT's kernels take float/float16/bfloat16"
+    if scale.dtype != x.dtype:
+        return f"scale dtype {scale.dtype} differs from X dtype {x.dtype}"
+    if scale.shape is None or len(scale.shape) != 1:
+        return "scale is not 1-D"
+    return None
+
+
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    # Symbolic dims compare by name: the exporter names batch/sequence dims consistently.
+    return (a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape)
+            and all(str(x) == str(y) for x, y in zip(a.shape, b.shape)))
+
+
+# -- RMSNorm(Add(residual, branch)) -> SkipSimplifiedLayerNormalization ------------------------------
+def check_skip(node: ir.Node, ctx: Lowering) -> str | None:
+    if (reason := _norm_reason(node)) is not None:
+        return reason
+    add = node.inputs[0].producer()
+    if add is None or add.domain != "" or add.op_type != "Add":
+        return "input is not produced by an Add (no residual to fuse)"
+    if len(add.inputs) != 2 or any(v is None for v in add.inputs):
+        return "the Add does not have two inputs"
+    a, b = add.inputs
+    if not _same_shape(a, b) or len(a.shape) not in (2, 3):
+        # A broadcasting Add (e.g. a bias) is not a residual sum; the kernel wants equal shapes.
+        return "the Add's inputs are not two tensors of one known rank-2/3 shape"
+    if a.dtype != node.inputs[0].dtype or b.dtype != node.inputs[0].dtype:
+        return "the Add's inputs differ in dtype from the norm's"
+    return None
+
+
+def rewrite_skip(node: ir.Node, ctx: Lowering) -> None:
+    add = node.inputs[0].producer()
+    residual, branch = add.inputs
+    # Mean and inverse std-var (outputs 1, 2) are training outputs: left unnamed and unused.
+    fused = ir.node("SkipSimplifiedLayerNormalization", [residual, branch, node.inputs[1]],
+                    {"epsilon": node.attributes["epsilon"].as_float()}, domain=MS_DOMAIN,
+                    num_outputs=4, name=node.name)
+    # At the Add's place: its inputs are defined there, and every use of the sum comes after it.
+    ctx.graph.insert_before(add, fused)
+    ctx.replace([node.outputs[0], add.outputs[0]], [fused.outputs[0], fused.outputs[3]])
+    ctx.graph.remove([node, add], safe=True)
+
+
+# -- RMSNorm(x) -> SimplifiedLayerNormalization -----------------------------------------------------
+def check_simplified(node: ir.Node, ctx: Lowering) -> str | None:
+    return _norm_reason(node)
+
+
+def rewrite_simplified(node: ir.Node, ctx: Lowering) -> None:
+    # ORT registers SimplifiedLayerNormalization in the ai.onnx domain (since version 1).
+    new = ir.node("SimplifiedLayerNormalization", list(node.inputs),
+                  {"epsilon": node.attributes["epsilon"].as_float(), "axis": -1,
+                   "stash_type": int(ir.DataType.FLOAT)}, name=node.name)
+    ctx.graph.insert_before(node, new)
+    ctx.replace([node.outputs[0]], [new.outputs[0]])
+    ctx.graph.remove(node, safe=True)
+
+
+REWRITES = (
+    Rewrite("skip_simplified_layer_norm", "RMSNorm", check_skip, rewrite_skip),
+    Rewrite("simplified_layer_norm", "RMSNorm", check_simplified, rewrite_simplified),
+)

@@ -213,8 +213,6 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
 
     Checks every argument before loading anything; writes atomically (see folder.py).
     """
-    from edgellama.export.sources import load_model
-
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
@@ -227,6 +225,8 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     out = Path(out)
     model_folder.check_output(out, force=force)
+    from edgellama.export.sources import load_model
+
     timings: dict[str, float] = {}
 
     def timed(name):

@@ -24,6 +24,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,13 +52,15 @@ def stdlib_text(modules: Sequence[str] = TEXT_MODULES) -> str:
     defined there (sorted by name), joined by blank lines. Depends only on the installed Python."""
     loaded = [importlib.import_module(m) for m in modules]
     parts = [inspect.getdoc(m) or "" for m in loaded]
-    for m in loaded:
-        for name in sorted(vars(m)):
-            obj = getattr(m, name)
-            if name.startswith("_") or getattr(obj, "__module__", None) != m.__name__:
-                continue
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                parts.append(inspect.getdoc(obj) or "")
+    with warnings.catch_warnings():  # typing.io / typing.re warn when touched; their text is fixed anyway
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for m in loaded:
+            for name in sorted(vars(m)):
+                obj = getattr(m, name)
+                if name.startswith("_") or getattr(obj, "__module__", None) != m.__name__:
+                    continue
+                if inspect.isfunction(obj) or inspect.isclass(obj):
+                    parts.append(inspect.getdoc(obj) or "")
     return "\n\n".join(p.strip() for p in parts if p and p.strip())
 
 

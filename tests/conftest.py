@@ -6,6 +6,7 @@ took 20 s instead of under 1 s). One torch thread keeps the suite fast; ONNX Run
 choose their own threads.
 """
 
+
 def pytest_configure(config):
     try:
         import torch

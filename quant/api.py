@@ -1,0 +1,104 @@
+"""Quantize a model folder: check the request, run one pass, write a complete new folder.
+
+`check_request` runs before anything is loaded (the CLI and `export --quant` call it first);
+`quantize_folder` reads an fp32 edgellama export, applies the pass of `mode` (fp16.py, int8.py,
+int8_dynamic.py, int4.py) and writes OUT atomically like export does (export/folder.py), with the
+manifest's `quantization` list recording the pass and its settings.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from edgellama.errors import ModelFolderError, QuantError
+from edgellama.progress import SILENT, Progress
+from edgellama.quant import common
+
+MODES = common.MODES
+
+
+def check_request(mode: str, block_size: int | None) -> None:
+    """QuantError for an unknown mode or a block size the kernel does not support."""
+    if mode not in MODES:
+        raise QuantError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+    common.check_block_size(mode, block_size)
+
+
+def _read_source(src: Path) -> dict:
+    from edgellama.export import folder
+
+    try:
+        manifest = folder.verify_folder(src)
+    except ModelFolderError as e:
+        raise QuantError(f"cannot quantize: {e}") from None
+    done = manifest.get("quantization")
+    if done:
+        passes = ", ".join(str(p.get("pass")) for p in done if isinstance(p, dict)) or "?"
+        raise QuantError(f"{src} is already quantized ({passes}); quantize the fp32 export instead")
+    if manifest.get("dtype", "fp32") != "fp32":
+        raise QuantError(f"{src} is a {manifest.get('dtype')} export; quantization starts from an fp32 export")
+    if manifest.get("target") not in ("portable", "ort", "onnx23"):
+        raise QuantError(f"{src}: unknown export target {manifest.get('target')!r} in its manifest")
+    return manifest
+
+
+def _apply(mode: str, model, *, target: str, block_size: int | None, exclude: tuple[str, ...]) -> dict:
+    if mode == "fp16":
+        from edgellama.quant import fp16
+
+        return fp16.apply(model, target=target, exclude=exclude)
+    if mode == "int8":
+        from edgellama.quant import int8
+
+        return int8.apply(model, block_size=block_size, exclude=exclude)
+    if mode == "int4":
+        from edgellama.quant import int4
+
+        return int4.apply(model, block_size=block_size, exclude=exclude)
+    from edgellama.quant import int8_dynamic
+
+    return int8_dynamic.apply(model, exclude=exclude)
+
+
+def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: int | None = None,
+                    exclude: Iterable[str] | str = (), force: bool = False,
+                    progress: Progress = SILENT) -> Path:
+    """Quantize the fp32 model folder `src` into a new complete folder `dst`; returns `dst`.
+
+    Refuses (QuantError) an unknown mode, an unsupported block size, a folder that is not a verified
+    edgellama export, or one already quantized; nothing is written at `dst` then.
+    """
+    from edgellama.export import folder
+
+    check_request(mode, block_size)
+    block = common.check_block_size(mode, block_size)
+    patterns = common.pattern_list(exclude)
+    src, dst = Path(src), Path(dst)
+    folder.check_output(dst, force=force)
+    with progress.step(f"verify {src}"):
+        manifest = _read_source(src)
+    with progress.step("load model"):
+        model = folder.load_model_proto(src)
+    before = common.count_ops(model)
+    with progress.step(f"quantize ({mode})"):
+        entry = _apply(mode, model, target=manifest["target"], block_size=block, exclude=patterns)
+    entry["ops_before"], entry["ops_after"] = before, common.count_ops(model)
+    if patterns:
+        entry["exclude"] = list(patterns)
+    with folder.staged_folder(dst, force=force) as tmp, progress.step("write model folder"):
+        folder.save_model(model, tmp)
+        for name in manifest.get("files", {}):
+            if name not in (folder.MODEL, folder.DATA, folder.MANIFEST):
+                shutil.copy2(src / name, tmp / name)
+        new = {k: v for k, v in manifest.items() if k not in ("files", "format_version")}
+        new["quantization"] = [entry]
+        new["io"] = common.describe_io(model)
+        new["packages"] = folder.package_versions()
+        new["quantized_from"] = {"path": str(src.absolute()),
+                                 "model_sha256": manifest.get("files", {}).get(folder.MODEL, {}).get("sha256")}
+        if mode == "fp16":
+            new["dtype"] = "fp16"
+        folder.write_manifest(tmp, new)
+    return dst

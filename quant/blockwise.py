@@ -1,0 +1,159 @@
+"""Blockwise weight quantization in ONNX Runtime's MatMulNBits layout (numpy, no kernels).
+
+Reference layout: onnxruntime's `com.microsoft.MatMulNBits` contrib op (docs/ContribOperators.md)
+and its CPU kernel: for `Y = A @ W` with `W [K, N]`, the kernel stores `W^T [N, K]` cut into
+`n_blocks = ceil(K / block)` blocks along K, each block `block * bits / 8` bytes:
+
+  B            uint8 [N, n_blocks, block*bits/8]   4-bit: element 2i in the low nibble, 2i+1 high
+  scales       float [N * n_blocks]
+  zero_points  uint8: 8-bit [N * n_blocks]; 4-bit [N * ceil(n_blocks / 2)], two per byte (low first)
+               absent: the kernel uses 2^(bits-1) (8 or 128)
+
+and dequantizes `w = (q - zero_point) * scale`. `GatherBlockQuantized` with uint8 data follows the
+same convention, so a tied embedding can read the lm_head's bytes (reshaped to [N, K*bits/8]).
+
+Scale choice: `search=True` tries a range of clip ratios per block and keeps the one with the least
+squared error, then refits the scale by least squares for the chosen integers (a cheap stand-in for
+GPTQ/HQQ-style error minimization that needs no calibration data). Padding of K up to a block
+multiple is zero and dequantizes to exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+_CHUNK_ROWS = 2048            # rows of W^T per step: bounds temporaries to ~ rows * K * 4 B * few
+_CLIP_RATIOS = np.linspace(1.0, 0.75, 11)
+
+
+@dataclasses.dataclass
+class Packed:
+    data: np.ndarray                 # uint8 [N, n_blocks, blob]
+    scales: np.ndarray               # float32 [N, n_blocks]
+    zero_points: np.ndarray | None   # uint8 [N, n_blocks] (unpacked); None = symmetric
+    bits: int
+    block_size: int
+    k: int
+
+    @property
+    def n(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.data.shape[1]
+
+    def zero_points_packed(self) -> np.ndarray | None:
+        """MatMulNBits' zero_points input (flat)."""
+        if self.zero_points is None:
+            return None
+        if self.bits == 8:
+            return self.zero_points.reshape(-1)
+        return _pack4(self.zero_points).reshape(-1)
+
+    def unpacked(self) -> np.ndarray:
+        """The integer codes [N, n_blocks, block] (uint8, 0..2^bits-1)."""
+        if self.bits == 8:
+            return self.data
+        q = np.empty(self.data.shape[:-1] + (self.block_size,), np.uint8)
+        q[..., 0::2] = self.data & 0x0F
+        q[..., 1::2] = self.data >> 4
+        return q
+
+    def dequantize(self) -> np.ndarray:
+        """W [K, N] float32 as the kernel reconstructs it."""
+        zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, 1 << (self.bits - 1))
+        w = (self.unpacked().astype(np.float32) - zp[..., None].astype(np.float32)) * self.scales[..., None]
+        return np.ascontiguousarray(w.reshape(self.n, -1)[:, : self.k].T)
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+    return np.clip(np.rint(w * inv[..., None]) + zp[..., None], 0, qmax)
+
+
+def _quantize_chunk(w: np.ndarray, *, bits: int, symmetric: bool, search: bool):
+    """w [rows, n_blocks, block] float32 -> codes (float), scales, zero points (float)."""
+    qmax = (1 << bits) - 1
+    mid = float(1 << (bits - 1))
+    if symmetric:
+        # zero point fixed at 2^(bits-1): codes -mid..mid-1 around it; the largest magnitude maps to
+        # +-(mid-1) so both signs fit (the one extra negative code goes unused).
+        amax = np.abs(w).max(-1)
+        ratios = _CLIP_RATIOS if search else np.ones(1)
+        zp = np.full(amax.shape, mid, np.float32)
+        best_err = best_scale = None
+        for r in ratios:
+            scale = (amax * r / (mid - 1)).astype(np.float32)
+            q = _codes(w, scale, zp, qmax)
+            err = np.square((q - zp[..., None]) * scale[..., None] - w).sum(-1)
+            if best_err is None:
+                best_err, best_scale = err, scale
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_scale = np.where(better, scale, best_scale)
+        scale = best_scale
+    else:
+        lo = np.minimum(w.min(-1), 0.0)
+        hi = np.maximum(w.max(-1), 0.0)
+        ratios = _CLIP_RATIOS if search else np.ones(1)
+        best_err = best_scale = best_zp = None
+        for r in ratios:
+            scale = ((hi - lo) * r / qmax).astype(np.float32)
+            inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+            zp = np.clip(np.rint(-lo * r * inv), 0, qmax).astype(np.float32)
+            q = _codes(w, scale, zp, qmax)
+            err = np.square((q - zp[..., None]) * scale[..., None] - w).sum(-1)
+            if best_err is None:
+                best_err, best_scale, best_zp = err, scale, zp
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_scale = np.where(better, scale, best_scale)
+                best_zp = np.where(better, zp, best_zp)
+        scale, zp = best_scale, best_zp
+    q = _codes(w, scale, zp, qmax)
+    if search:
+        # Least-squares scale for the chosen codes: argmin_s |s (q - zp) - w|^2; keep it only where
+        # it really lowers the error (it can move codes' meaning, never their clipping).
+        c = q - zp[..., None]
+        den = np.square(c).sum(-1)
+        ls = np.divide((c * w).sum(-1), den, out=scale.copy(), where=den > 0).astype(np.float32)
+        old = np.square(c * scale[..., None] - w).sum(-1)
+        new = np.square(c * ls[..., None] - w).sum(-1)
+        scale = np.where(new < old, ls, scale).astype(np.float32)
+    return q, scale, zp
+
+
+def quantize(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True,
+             search: bool = False) -> Packed:
+    """Quantize W [K, N] (a MatMul's weight, float32) blockwise along K into MatMulNBits layout."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    k, n = w.shape
+    n_blocks = -(-k // block_size)
+    wt = np.zeros((n, n_blocks * block_size), np.float32)
+    wt[:, :k] = w.T
+    wt = wt.reshape(n, n_blocks, block_size)
+    blob = block_size * bits // 8
+    data = np.empty((n, n_blocks, blob), np.uint8)
+    scales = np.empty((n, n_blocks), np.float32)
+    zps = None if symmetric else np.empty((n, n_blocks), np.uint8)
+    for r0 in range(0, n, _CHUNK_ROWS):
+        rows = slice(r0, min(r0 + _CHUNK_ROWS, n))
+        q, s, zp = _quantize_chunk(wt[rows], bits=bits, symmetric=symmetric, search=search)
+        q = q.astype(np.uint8)
+        data[rows] = q if bits == 8 else _pack4(q)
+        scales[rows] = s
+        if zps is not None:
+            zps[rows] = zp.astype(np.uint8)
+    return Packed(data, scales, zps, bits, block_size, k)

@@ -61,10 +61,12 @@ def check_skip(node: ir.Node, ctx: Lowering) -> str | None:
 def rewrite_skip(node: ir.Node, ctx: Lowering) -> None:
     add = node.inputs[0].producer()
     residual, branch = add.inputs
-    # Mean and inverse std-var (outputs 1, 2) are training outputs: left unnamed and unused.
     fused = ir.node("SkipSimplifiedLayerNormalization", [residual, branch, node.inputs[1]],
                     {"epsilon": node.attributes["epsilon"].as_float()}, domain=MS_DOMAIN,
                     num_outputs=4, name=node.name)
+    # Outputs 1 and 2 (mean, inverse std-var) are for training: the empty name omits them, so the
+    # saver does not invent names that make ORT compute and keep them.
+    fused.outputs[1].name = fused.outputs[2].name = ""
     # At the Add's place: its inputs are defined there, and every use of the sum comes after it.
     ctx.graph.insert_before(add, fused)
     ctx.replace([node.outputs[0], add.outputs[0]], [fused.outputs[0], fused.outputs[3]])

@@ -118,15 +118,33 @@ def _prune_functions(ir_model: ir.Model) -> None:
         ir_model.opset_imports.pop(EDGELLAMA, None)
 
 
+# -- which dtypes each fused kernel has, per provider (ONNX Runtime 1.31) ------------------------------
+_F, _H, _B = ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16
+# CPU: contrib_ops/cpu/cpu_contrib_kernels.cc (the installed onnxruntime_pybind11_state.so instantiates
+# GroupQueryAttention<float|MLFloat16>, RotaryEmbedding<float|MLFloat16>, SkipLayerNorm<float|double|
+# MLFloat16|BFloat16>); SimplifiedLayerNormalization's CPU kernel is exercised in fp32/fp16 by the tests.
+# CUDA: contrib_ops/cuda/cuda_contrib_kernels.cc (libonnxruntime_providers_cuda.so instantiates
+# GroupQueryAttention<MLFloat16|BFloat16> only, RotaryEmbedding and SkipLayerNorm<float|MLFloat16|BFloat16>,
+# LayerNorm<float|MLFloat16|BFloat16|double>).
+KERNEL_DTYPES = {
+    "GroupQueryAttention": {"cpu": (_F, _H), "cuda": (_H, _B)},
+    "RotaryEmbedding": {"cpu": (_F, _H), "cuda": (_F, _H, _B)},
+    "SkipSimplifiedLayerNormalization": {"cpu": (_F, _H, _B), "cuda": (_F, _H, _B)},
+    "SimplifiedLayerNormalization": {"cpu": (_F, _H), "cuda": (_F, _H, _B)},
+}
+
+
+def kernel_refusal(op_type: str, dtype: ir.DataType | None, ctx: Lowering) -> str | None:
+    """Why ORT could not run `op_type` in `dtype` on the target provider (None when it can)."""
+    supported = KERNEL_DTYPES[op_type][ctx.provider]
+    if dtype in supported:
+        return None
+    name = dtype.name.lower() if dtype is not None else "unknown"
+    return (f"ONNX Runtime has no {name} {op_type} kernel for {ctx.provider} "
+            f"(registered: {', '.join(d.name.lower() for d in supported)})")
+
+
 # -- small builders shared by the rewrites ----------------------------------------------------------
-def const(ctx: Lowering, before: ir.Node, name: str, array: Any) -> ir.Value:
-    """A Constant node inserted before `before`; its output value is returned."""
-    node = ir.node("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
-    node.outputs[0].name = name
-    ctx.graph.insert_before(before, node)
-    return node.outputs[0]
-
-
 def static_dim(value: ir.Value, axis: int) -> int | None:
     if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
         return None

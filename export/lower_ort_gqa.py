@@ -12,6 +12,10 @@ additive `attention_bias` [B, 1, S, T] built like `ops.attention_bias` (causal A
 dtype's finite minimum where masked, so padding rows stay finite). Past and present are separate
 tensors (no shared buffer), as the graph contract wants.
 
+Kernel limit (ORT 1.31, CPU): several new tokens on top of a non-empty cache (S > 1, past > 0) are
+refused for batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context is given");
+prefill (past 0) and one-token decode work at any batch size, chunked prefill at batch 1.
+
 Provider/dtype: ORT 1.31's CUDA GroupQueryAttention kernel is registered for float16 and
 bfloat16 only (onnxruntime/contrib_ops/cuda/cuda_contrib_kernels.cc; the installed
 libonnxruntime_providers_cuda.so instantiates GroupQueryAttention<MLFloat16|BFloat16, ...> and no
@@ -26,15 +30,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite
-
-# Dtypes each provider's GroupQueryAttention kernel is registered for in ORT 1.31
-# (CPU: contrib_ops/cpu/cpu_contrib_kernels.cc, float and MLFloat16; CUDA: see the docstring).
-KERNEL_DTYPES = {
-    "cpu": (ir.DataType.FLOAT, ir.DataType.FLOAT16),
-    "cuda": (ir.DataType.FLOAT16, ir.DataType.BFLOAT16),
-}
-
+from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite, kernel_refusal
 
 def check(node: ir.Node, ctx: Lowering) -> str | None:
     if len(node.inputs) != 6 or any(v is None for v in node.inputs):
@@ -45,11 +41,8 @@ def check(node: ir.Node, ctx: Lowering) -> str | None:
     for attr in ("num_heads", "kv_num_heads", "scale"):
         if attr not in node.attributes:
             return f"no {attr} attribute"
-    supported = KERNEL_DTYPES[ctx.provider]
-    if q.dtype not in supported:
-        return (f"ONNX Runtime has no {q.dtype.name.lower()} GroupQueryAttention kernel for "
-                f"{ctx.provider} (registered: {', '.join(d.name.lower() for d in supported)}); "
-                "the edgellama function node stays and ORT runs its standard-op body")
+    if (reason := kernel_refusal("GroupQueryAttention", q.dtype, ctx)) is not None:
+        return reason + "; the edgellama function node stays and ORT inlines its standard-op body"
     if {k.dtype, v.dtype, past_k.dtype, past_v.dtype} != {q.dtype}:
         return "query, key, value and the past caches do not share one dtype"
     if mask.dtype != ir.DataType.INT64 or mask.shape is None or len(mask.shape) != 2:

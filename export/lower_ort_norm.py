@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite
+from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite, kernel_refusal
 
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-
-
-def _norm_reason(node: ir.Node) -> str | None:
+def _norm_reason(node: ir.Node, op_type: str, ctx: Lowering) -> str | None:
     if len(node.inputs) != 2 or any(v is None for v in node.inputs):
         return f"expected inputs (X, scale), got {len(node.inputs)}"
     x, scale = node.inputs
     if "epsilon" not in node.attributes:
         return "no epsilon attribute"
-    if x.dtype not in _FLOATS:
-        return f"X has dtype {x.dtype}, ORT's kernels take float/float16/bfloat16"
+    if (reason := kernel_refusal(op_type, x.dtype, ctx)) is not None:
+        return reason
     if scale.dtype != x.dtype:
         return f"scale dtype {scale.dtype} differs from X dtype {x.dtype}"
     if scale.shape is None or len(scale.shape) != 1:
@@ -42,7 +39,7 @@ def _same_shape(a: ir.Value, b: ir.Value) -> bool:
 
 # -- RMSNorm(Add(residual, branch)) -> SkipSimplifiedLayerNormalization ------------------------------
 def check_skip(node: ir.Node, ctx: Lowering) -> str | None:
-    if (reason := _norm_reason(node)) is not None:
+    if (reason := _norm_reason(node, "SkipSimplifiedLayerNormalization", ctx)) is not None:
         return reason
     add = node.inputs[0].producer()
     if add is None or add.domain != "" or add.op_type != "Add":
@@ -75,7 +72,7 @@ def rewrite_skip(node: ir.Node, ctx: Lowering) -> None:
 
 # -- RMSNorm(x) -> SimplifiedLayerNormalization -----------------------------------------------------
 def check_simplified(node: ir.Node, ctx: Lowering) -> str | None:
-    return _norm_reason(node)
+    return _norm_reason(node, "SimplifiedLayerNormalization", ctx)
 
 
 def rewrite_simplified(node: ir.Node, ctx: Lowering) -> None:

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite, static_dim
-
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-
+from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite, kernel_refusal, static_dim
 
 def check(node: ir.Node, ctx: Lowering) -> str | None:
     if len(node.inputs) != 4 or any(v is None for v in node.inputs):
@@ -26,8 +23,8 @@ def check(node: ir.Node, ctx: Lowering) -> str | None:
     if "num_heads" not in node.attributes:
         return "no num_heads attribute"
     num_heads = node.attributes["num_heads"].as_int()
-    if x.dtype not in _FLOATS:
-        return f"X has dtype {x.dtype}; the kernel takes float/float16/bfloat16"
+    if (reason := kernel_refusal("RotaryEmbedding", x.dtype, ctx)) is not None:
+        return reason
     if cos.dtype != x.dtype or sin.dtype != x.dtype:
         # The kernel's type constraint T binds X and both caches to one type.
         return f"cos/sin caches ({cos.dtype}/{sin.dtype}) differ in dtype from X ({x.dtype})"

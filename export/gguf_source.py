@@ -203,10 +203,14 @@ def _byte_chars() -> dict[int, str]:
 
 
 def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
-    """transformers' GGUF byte-level ("gpt2") tokenizer; other vocabularies give None (no text I/O)."""
-    if meta.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in reader.fields:
+    """The tokenizer transformers builds from a GGUF's metadata: byte-level BPE ("gpt2") or
+    sentencepiece BPE ("llama"); other vocabularies give None (token ids only)."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama" and "tokenizer.ggml.tokens" in reader.fields:
+        return _sentencepiece_tokenizer(reader, meta, path)
+    if kind != "gpt2" or "tokenizer.ggml.merges" not in reader.fields:
         return None
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
     from edgellama.export.tokenizer import Tokenizer
@@ -247,9 +251,73 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     bos = token("bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[spelled(bos)])])
+    _add_bos(backend, bos, meta.get("tokenizer.ggml.add_bos_token", False))
     return Tokenizer(backend, chat_template=meta.get("tokenizer.chat_template"), bos_token=bos,
                      eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
                      unk_token=token("unknown_token_id"))
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges a sentencepiece vocabulary implies: every split of a piece into two pieces, best
+    piece score first (transformers' `generate_merges` order: score, then left and right lengths)."""
+    index = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for piece, score in zip(tokens, scores):
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in index and piece[k:] in index]
+        pairs.sort(key=lambda lr: (index[lr[0]], index[lr[1]]))
+        found.extend((score, len(l), len(r), l, r) for l, r in pairs)
+    # stable sort on the key alone, descending, keeps the per-piece order among equals
+    found.sort(key=lambda f: (f[0], f[1], f[2]), reverse=True)
+    return [(l, r) for _, _, _, l, r in found]
+
+
+def _sentencepiece_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
+    """transformers' `LlamaTokenizer` over a GGUF vocabulary: BPE with byte fallback, a "▁" prefix
+    on the first word, control tokens special."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from edgellama.export.tokenizer import Tokenizer
+
+    fields = reader.fields
+    tokens = list(fields["tokenizer.ggml.tokens"].contents())
+    scores = list(fields["tokenizer.ggml.scores"].contents()) if "tokenizer.ggml.scores" in fields else None
+    types = list(fields["tokenizer.ggml.token_type"].contents()) if "tokenizer.ggml.token_type" in fields else []
+    if "tokenizer.ggml.merges" in fields:
+        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    elif scores is not None:
+        merges = _merges_from_scores(tokens, scores)
+    else:
+        raise SourceError(f"{path}: sentencepiece vocabulary has neither merges nor scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    try:
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad vocabulary
+        raise SourceError(f"{path}: malformed tokenizer metadata ({e})") from None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, k in zip(tokens, types) if k == _CONTROL])
+    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    if user:
+        backend.add_tokens(user)
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise (so does transformers)
+    _add_bos(backend, token("bos_token_id"), meta.get("tokenizer.ggml.add_bos_token", True))
+    return Tokenizer(backend, chat_template=meta.get("tokenizer.chat_template"), bos_token=token("bos_token_id"),
+                     eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
+                     unk_token=token("unknown_token_id"))
+
+
+def _add_bos(backend: Any, bos: str | None, wanted: bool) -> None:
+    """`encode(..., add_special_tokens=True)` prepends BOS when the file asks for it."""
+    from tokenizers import processors
+
+    if wanted and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, backend.token_to_id(bos))])

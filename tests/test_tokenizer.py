@@ -154,3 +154,54 @@ def test_smollm2_saved_tokenizer_round_trips(smollm2_pair, tmp_path):
     assert back.chat_ids(CONVERSATION) == ours.chat_ids(CONVERSATION)
     for text in TEXTS:
         assert back.encode(text) == ours.encode(text)
+
+
+# -- a sentencepiece ("llama") GGUF vocabulary against transformers' LlamaTokenizer ---------------------------
+def write_sentencepiece_gguf(path):
+    """A small llama.cpp-style sentencepiece vocabulary: <unk>/<s>/</s>, 256 byte pieces, characters
+    and frequent substrings of some words scored best-first, no merges (they follow from the scores)."""
+    from collections import Counter
+
+    gguf = pytest.importorskip("gguf")
+    np = pytest.importorskip("numpy")
+    words = ["\u2581" + w for w in "the cat sat on the mat hello world the end tea that then".split()]
+    counts = Counter(w[i:j] for w in words for i in range(len(w)) for j in range(i + 2, min(len(w), i + 5) + 1))
+    chars = sorted({c for w in words for c in w})
+    multi = [p for p, _ in counts.most_common(60)]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *chars, *multi]
+    scores = [0.0] * 259 + [-100.0 - i for i in range(len(chars))] + [-float(i) for i in range(len(multi))]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(chars) + len(multi)))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for add, value in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2),
+                       (w.add_feed_forward_length, 8), (w.add_context_length, 16)):
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_gguf_equals_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from edgellama.export.gguf_source import read_gguf_tokenizer
+
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf")
+    ours = read_gguf_tokenizer(path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = ["the cat sat on the mat", " the  cat\n\nhello", "world zebra ü 日本!", "that then tea",
+             "<s>the</s> end", " leading", ""]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == hf(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids)
+        assert ours.encode(text, add_special_tokens=True) == hf(text)["input_ids"]
+    assert len(ours.encode("the cat")) < len("the cat") - 2      # merged pieces, not characters
+    assert (ours.bos_token_id, ours.eos_token_id) == (1, 2)

@@ -104,12 +104,18 @@ def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> Llama
     scaling = None
     kind = get("rope.scaling.type")
     if kind == "linear":
+        if get("rope.scaling.factor") is None:
+            raise ConfigError("linear rope scaling without llama.rope.scaling.factor")
         scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
     elif kind not in (None, "none"):
         raise ConfigError(f"unsupported rope scaling {kind!r}; supported: linear, llama3")
     if "rope_freqs.weight" in tensors:
         scaling = _llama3_scaling(_array(tensors["rope_freqs.weight"]), theta=theta, head_dim=head_dim)
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    # llama.cpp stops on every end-of-generation token (eos, end-of-turn, end-of-message); transformers'
+    # configs list them all as eos_token_id (Llama 3.1: 128001, 128008, 128009)
+    stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    stops = list(dict.fromkeys(i for i in stops if isinstance(i, int)))
+    eos = stops[0] if len(stops) == 1 else (stops or None)
     return LlamaConfig(
         vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=int(get("feed_forward_length", 0)),
         num_hidden_layers=int(get("block_count", 0)), num_attention_heads=int(heads),

@@ -2,6 +2,7 @@
 
     model, tokenizer, info = load_model("smollm2")        # or "tiny", a folder, a .gguf path
 
+A built-in name wins over a same-named path in the working directory: write `./tiny` for the folder.
 `info` is JSON-able and deterministic: kind, name, absolute path, and a sha256 over the weight
 file(s), so a parity check can reload the same source and prove it is the same one.
 Nothing is ever unpickled: safetensors and GGUF only.

@@ -247,7 +247,7 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges=("Ġ t",)):
+def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges=("Ġ t",), eot=None):
     """A GGUF file as llama.cpp's converter writes one, from our model (byte-level tokenizer from tiny's)."""
     import gguf
 
@@ -274,6 +274,8 @@ def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges
     w.add_token_merges(merges)
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
+    if eot is not None:
+        w.add_eot_token_id(eot)
     w.add_chat_template(tok.chat_template)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     if c.tie_word_embeddings:
@@ -340,9 +342,10 @@ def test_gguf_llama3_rope_freqs_become_the_config(tmp_path):
     factors = (M.rope_inv_freq(C.tiny(rope_theta=500000.0, head_dim=64, num_attention_heads=2,
                                       num_key_value_heads=1)) / M.rope_inv_freq(config)).numpy()
     assert factors.max() > 1
-    path = write_gguf(tmp_path / "l3.gguf", model, rope_freqs=factors)
+    path = write_gguf(tmp_path / "l3.gguf", model, rope_freqs=factors, eot=5)
     loaded = sources.load_model(path)[0]
     assert loaded.config.rope_scaling == scaling
+    assert loaded.config.eos_token_ids == [config.eos_token_id, 5]        # end-of-turn stops generation too
     assert torch.allclose(logits(loaded), logits(model), atol=1e-5)
     odd = write_gguf(tmp_path / "odd.gguf", model, rope_freqs=np.linspace(1, 3, 32))
     with pytest.raises(SourceError, match="rope_freqs does not match llama3"):

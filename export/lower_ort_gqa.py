@@ -80,9 +80,9 @@ def _lengths(node: ir.Node, ctx: Lowering) -> tuple[ir.Value, ir.Value]:
 
 def _bias(node: ir.Node, ctx: Lowering) -> ir.Value:
     """Additive bias [B, 1, S, T] in the query's dtype: 0 where `ops.attention_bias` allows a key,
-    the dtype's finite minimum elsewhere. Queries sit at slots P..T-1 (P = past length), read from
-    the first layer's past cache: every layer's past has the same length."""
-    q, past_k, mask = node.inputs[0], node.inputs[3], node.inputs[5]
+    the dtype's finite minimum elsewhere. Query i of S sits at slot T-S+i, as in `ops.attention_bias`
+    (T from the mask, S from the first layer's query: every layer's query has the same length)."""
+    q, mask = node.inputs[0], node.inputs[5]
     key = ("gqa_bias", id(mask), q.dtype)
     if key not in ctx.cache:
         p = "ort/attention_bias/"
@@ -93,11 +93,12 @@ def _bias(node: ir.Node, ctx: Lowering) -> ir.Value:
 
         nodes = [
             t1 := ir.node("Shape", [mask], {"start": 1, "end": 2}, name=p + "T"),
-            p1 := ir.node("Shape", [past_k], {"start": 2, "end": 3}, name=p + "P"),
+            s1 := ir.node("Shape", [q], {"start": 1, "end": 2}, name=p + "S"),
             t := ir.node("Squeeze", [t1.outputs[0]], name=p + "T_scalar"),
-            start := ir.node("Squeeze", [p1.outputs[0]], name=p + "P_scalar"),
+            s := ir.node("Squeeze", [s1.outputs[0]], name=p + "S_scalar"),
             zero := c("zero", np.array(0, np.int64)),
             one := c("one", np.array(1, np.int64)),
+            start := ir.node("Sub", [t.outputs[0], s.outputs[0]], name=p + "first_query_slot"),
             q_slot := ir.node("Range", [start.outputs[0], t.outputs[0], one.outputs[0]], name=p + "query_slots"),
             k_slot := ir.node("Range", [zero.outputs[0], t.outputs[0], one.outputs[0]], name=p + "key_slots"),
             axis1 := c("axis1", np.array([1], np.int64)),

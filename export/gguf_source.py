@@ -195,7 +195,7 @@ def _weights(tensors: dict[str, Any], config: LlamaConfig, path: Path) -> dict[s
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
-def _byte_chars() -> dict[int, str]:
+def byte_chars() -> dict[int, str]:
     """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are spelled in."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
@@ -225,7 +225,7 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
     types = (list(reader.fields["tokenizer.ggml.token_type"].contents())
              if "tokenizer.ggml.token_type" in reader.fields else [])
-    chars = _byte_chars()
+    chars = byte_chars()
     alphabet = set(chars.values())
 
     def spelled(token: str) -> str:

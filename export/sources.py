@@ -221,11 +221,11 @@ def byte_tokenizer(config: LlamaConfig) -> Any:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from edgellama.export.gguf_source import _byte_chars
+    from edgellama.export.gguf_source import byte_chars
     from edgellama.export.tokenizer import Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    chars = list(_byte_chars().values())
+    chars = list(byte_chars().values())
     reserved = [f"<|reserved_{n}|>" for n in range(config.vocab_size - len(specials) - len(chars))]
     vocab = {t: i for i, t in enumerate([*specials, *chars, *reserved])}
     backend = Backend(models.BPE(vocab=vocab, merges=[]))

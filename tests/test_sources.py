@@ -372,3 +372,22 @@ def test_bad_gguf(tmp_path):
         sources.load_model(tmp_path / "junk.gguf")
     with pytest.raises(SourceError, match="malformed tokenizer metadata"):
         sources.load_model(write_gguf(tmp_path / "tok.gguf", model, merges=("x yz",)))
+
+
+def test_folder_written_by_transformers_save_pretrained(tmp_path):
+    """What transformers itself writes (its config.json flavour, tied weights, its tokenizer files) loads."""
+    transformers = pytest.importorskip("transformers")
+    config = C.tiny(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    ours = sources.random_llama(config, seed=9)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():                      # overwritten below
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    hf.save_pretrained(tmp_path / "hf")
+    sources.byte_tokenizer(config).save(tmp_path / "tok")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "tok").save_pretrained(tmp_path / "hf")
+    loaded, tok, info = sources.load_model(tmp_path / "hf")
+    assert loaded.config.rope_scaling == config.rope_scaling and loaded.config.tie_word_embeddings
+    assert_same_weights(ours, loaded)
+    assert tok.chat_ids("hi") == sources.byte_tokenizer(config).chat_ids("hi")

@@ -82,7 +82,7 @@ def _value(field: Any) -> Any:
 
 def _f32(value: float) -> float:
     """GGUF stores floats as fp32; the shortest decimal that round-trips gives back the config's 1e-05."""
-    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+    return float(str(np.float32(value)))
 
 
 def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> LlamaConfig:
@@ -94,6 +94,9 @@ def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> Llama
     hidden, heads = get("embedding_length"), get("attention.head_count")
     if not hidden or not heads:
         raise ConfigError("metadata lacks llama.embedding_length / llama.attention.head_count")
+    if not all(isinstance(get(k, 0), int) for k in ("attention.head_count", "attention.head_count_kv",
+                                                    "feed_forward_length")):
+        raise ConfigError("per-layer head counts or feed-forward sizes are not a llama shape edgellama exports")
     vocab = get("vocab_size")
     if not vocab and "tokenizer.ggml.tokens" in reader.fields:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)

@@ -1,0 +1,73 @@
+"""Shared helpers of the tests/test_quant_*.py files: tiny exports, ORT logits, KL."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TARGETS = ("portable", "ort", "onnx23")
+
+
+def export_tiny(out: Path, target: str = "portable") -> Path:
+    """A tiny fp32 export (2 layers: 7*2+1 = 15 weight MatMuls and one embedding Gather)."""
+    module = {"ort": "edgellama.export.lower_ort", "onnx23": "edgellama.export.lower_onnx23"}.get(target)
+    if module and importlib.util.find_spec(module) is None:
+        pytest.skip(f"the {target} lowering ({module}) is not in this tree yet")
+    from edgellama.export.onnx_export import export_model
+
+    return export_model("tiny", out, target=target)
+
+
+_EXPORTS: dict[str, Path] = {}
+
+
+def shared_tiny(tmp_path_factory, target: str = "portable") -> Path:
+    """One tiny export per target for the whole session (the tests only read it)."""
+    if target not in _EXPORTS:
+        _EXPORTS[target] = export_tiny(tmp_path_factory.mktemp(f"tiny-{target}") / "fp32", target)
+    return _EXPORTS[target]
+
+
+def session(folder: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(Path(folder) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+
+def logits(folder: Path, ids: np.ndarray) -> np.ndarray:
+    """Prefill logits [B, S, V] (fp32) of `ids` [B, S] with an empty cache."""
+    s = session(folder)
+    b, n = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
+             "position_ids": np.broadcast_to(np.arange(n), (b, n)).copy()}
+    for i in s.get_inputs():
+        if i.name.startswith("past_key_values."):
+            dt = np.float16 if "float16" in i.type else np.float32
+            feeds[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), dt)
+    out = s.run(["logits"], feeds)[0]
+    assert out.dtype == np.float32
+    return out
+
+
+def mean_kl(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Mean KL(ref || cand) of the next-token distributions."""
+    def lsm(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    a, b = lsm(ref), lsm(cand)
+    return float((np.exp(a) * (a - b)).sum(-1).mean())
+
+
+def weight_bytes(folder: Path) -> int:
+    return os.path.getsize(Path(folder) / "model.onnx.data")
+
+
+def ids(batch: int = 2, seq: int = 24, vocab: int = 512, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, (batch, seq)).astype(np.int64)

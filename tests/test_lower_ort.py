@@ -218,8 +218,14 @@ def test_fp32_parity_on_cpu(portable_fp32, provider, tmp_path):
     print(f"ort({provider}) fp32: prefill+8 decode logits max abs diff {diff:.2e}")
     assert diff <= TOL
     alone, _ = loop.step(ids[1:, 4:].numpy(), mask[1:, 4:].numpy(), loop.empty(1))
-    padded, _ = loop.step(ids.numpy(), mask.numpy(), loop.empty(2))
+    padded, past = loop.step(ids.numpy(), mask.numpy(), loop.empty(2))
     assert np.abs(alone[0] - padded[1, 4:]).max() <= TOL
+    # present = past ++ current, past copied bit for bit (no shared buffer, no reordering).
+    nxt = padded[:, -1].argmax(-1)[:, None]
+    _, present = loop.step(nxt, np.concatenate((mask.numpy(), np.ones_like(nxt)), 1), past)
+    for (pk, pv), (k, v) in zip(past, present):
+        assert k.shape[2] == v.shape[2] == pk.shape[2] + 1
+        assert np.array_equal(k[:, :, :-1], pk) and np.array_equal(v[:, :, :-1], pv)
 
 
 def test_chunked_continuation_batch_one(portable_fp32, tmp_path):

@@ -24,6 +24,11 @@ ONNX Runtime 1.31 CPU runs all three as kernels (not function expansions) in fp3
 difference from the reference that no caller sees: for a query whose keys are all masked (a
 padding position of a left-padded prompt), ORT's Attention returns a zero row where the reference
 softmax spreads evenly; both are finite, and padding positions are masked for every real query.
+Unlike com.microsoft.GroupQueryAttention, Attention takes several new tokens on top of a cache at
+any batch size (chunked prefill of a left-padded batch). CUDA: the installed
+libonnxruntime_providers_cuda.so (1.31.1) instantiates onnxruntime::cuda::Attention<float|MLFloat16|
+BFloat16>, RotaryEmbedding<float|MLFloat16|BFloat16> and RMSNorm (fp32 statistics), so no dtype is
+refused for CUDA here; that was read from the library's type names, not run (no GPU in our tests).
 """
 
 from __future__ import annotations

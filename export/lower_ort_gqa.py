@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from edgellama.export.lower_ort import MS_DOMAIN, Lowering, Rewrite, kernel_refusal
 
+
 def check(node: ir.Node, ctx: Lowering) -> str | None:
     if len(node.inputs) != 6 or any(v is None for v in node.inputs):
         return f"expected inputs (query, key, value, past_key, past_value, attention_mask), got {len(node.inputs)}"

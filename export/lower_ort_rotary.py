@@ -7,7 +7,9 @@ left-padded batches need (their rows start at different positions).
 
 Why not GroupQueryAttention's own rotary (`do_rotary=1`): its position handling follows
 `seqlens_k` (the first prompt reads only position_ids' first element), which cannot express
-per-row positions of a left-padded batch; see `lower_ort_gqa.py`.
+per-row positions of a left-padded batch (`lower_ort_gqa.py` gives every row seqlens_k = T-1).
+Measured on ORT 1.31.1 CPU, tiny model: left-padded batch logits off by 3.3 with do_rotary=1
+(1e-5 with this node), and decode not faster (1.12 vs 0.98 ms/token).
 """
 
 from __future__ import annotations

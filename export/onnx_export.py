@@ -225,7 +225,9 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     out = Path(out)
     model_folder.check_output(out, force=force)
-    from edgellama.export.sources import load_model
+    from edgellama.export.sources import check_source, load_model
+
+    check_source(source)
 
     timings: dict[str, float] = {}
 

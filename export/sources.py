@@ -43,11 +43,7 @@ def load_source(source: str | Path) -> tuple[LlamaConfig, dict[str, Any], Any, d
         config, weights, tokenizer = _gguf(path)
         return config, weights, tokenizer, {"kind": "smollm2", "name": "smollm2", "path": str(path),
                                             "sha256": file_sha256(path)}
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise SourceError(f"no such model source: {spec} (a checkpoint folder, a .gguf file, "
-                          f"or a built-in name: {', '.join(BUILTINS)})")
-    path = path.resolve()
+    path = check_source(spec)
     if path.is_dir():
         return _hf(path)
     suffix = path.suffix.lower()
@@ -60,6 +56,21 @@ def load_source(source: str | Path) -> tuple[LlamaConfig, dict[str, Any], Any, d
     if suffix == ".safetensors":
         raise SourceError(f"{path}: pass the checkpoint folder (config.json + safetensors), not one weight file")
     raise SourceError(f"{path}: unknown model format; expected a checkpoint folder or a .gguf file")
+
+
+def check_source(source: str | Path) -> Path | None:
+    """Cheap checks before anything is loaded (so a CLI can refuse before it prints progress):
+    the path of a file or folder source, None for a built-in name."""
+    spec = str(source)
+    if spec in BUILTINS:
+        if spec == "smollm2":
+            smollm2_path()
+        return None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SourceError(f"no such model source: {spec} (a checkpoint folder, a .gguf file, "
+                          f"or a built-in name: {', '.join(BUILTINS)})")
+    return path.resolve()
 
 
 def load_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:

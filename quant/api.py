@@ -44,7 +44,22 @@ def _read_source(src: Path) -> dict:
     return manifest
 
 
-def _apply(mode: str, model, *, target: str, block_size: int | None, exclude: tuple[str, ...]) -> dict:
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+
+
+def _check_accuracy_level(mode: str, accuracy_level: int | None) -> None:
+    if accuracy_level is None:
+        return
+    if mode not in ("int8", "int4"):
+        raise QuantError(f"--accuracy-level applies to int8 and int4 only, not to {mode}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise QuantError(f"accuracy level {accuracy_level!r} is not one of MatMulNBits' "
+                         f"{', '.join(map(str, ACCURACY_LEVELS))}")
+
+
+def _apply(mode: str, model, *, target: str, block_size: int | None, exclude: tuple[str, ...],
+           accuracy_level: int | None) -> dict:
+    level = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
     if mode == "fp16":
         from edgellama.quant import fp16
 
@@ -52,11 +67,11 @@ def _apply(mode: str, model, *, target: str, block_size: int | None, exclude: tu
     if mode == "int8":
         from edgellama.quant import int8
 
-        return int8.apply(model, block_size=block_size, exclude=exclude)
+        return int8.apply(model, block_size=block_size, exclude=exclude, **level)
     if mode == "int4":
         from edgellama.quant import int4
 
-        return int4.apply(model, block_size=block_size, exclude=exclude)
+        return int4.apply(model, block_size=block_size, exclude=exclude, **level)
     from edgellama.quant import int8_dynamic
 
     return int8_dynamic.apply(model, exclude=exclude)
@@ -64,16 +79,18 @@ def _apply(mode: str, model, *, target: str, block_size: int | None, exclude: tu
 
 def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: int | None = None,
                     exclude: Iterable[str] | str = (), force: bool = False,
-                    progress: Progress = SILENT) -> Path:
+                    accuracy_level: int | None = None, progress: Progress = SILENT) -> Path:
     """Quantize the fp32 model folder `src` into a new complete folder `dst`; returns `dst`.
 
     Refuses (QuantError) an unknown mode, an unsupported block size, a folder that is not a verified
     edgellama export, or one already quantized; nothing is written at `dst` then.
+    `accuracy_level` (int8/int4) overrides the pass's MatMulNBits accuracy level.
     """
     from edgellama.export import folder
 
     check_request(mode, block_size)
     block = common.check_block_size(mode, block_size)
+    _check_accuracy_level(mode, accuracy_level)
     patterns = common.pattern_list(exclude)
     src, dst = Path(src), Path(dst)
     folder.check_output(dst, force=force)
@@ -83,7 +100,8 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
         model = folder.load_model_proto(src)
     before = common.count_ops(model)
     with progress.step(f"quantize ({mode})"):
-        entry = _apply(mode, model, target=manifest["target"], block_size=block, exclude=patterns)
+        entry = _apply(mode, model, target=manifest["target"], block_size=block, exclude=patterns,
+                       accuracy_level=accuracy_level)
     entry["ops_before"], entry["ops_after"] = before, common.count_ops(model)
     if patterns:
         entry["exclude"] = list(patterns)

@@ -49,7 +49,7 @@ class Packed:
         """MatMulNBits' zero_points input (flat)."""
         if self.zero_points is None:
             return None
-        if self.bits == 8:
+        if self.bits == 8 or self.zero_points.dtype == np.float32:
             return self.zero_points.reshape(-1)
         return _pack4(self.zero_points).reshape(-1)
 
@@ -77,10 +77,48 @@ def _pack4(q: np.ndarray) -> np.ndarray:
 
 def _codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
-    return np.clip(np.rint(w * inv[..., None]) + zp[..., None], 0, qmax)
+    return np.clip(np.rint(w * inv[..., None] + zp[..., None]), 0, qmax)
 
 
-def _quantize_chunk(w: np.ndarray, *, bits: int, symmetric: bool, search: bool):
+def _refine_affine(w, q, scale, zp, *, qmax: int, integer_zp: bool, rounds: int = 3):
+    """Alternate codes and the block's affine map (Lloyd iterations): fit `w ~ s * q + b` by least
+    squares for the current codes, re-round, keep whatever lowers the squared error. With integer
+    zero points the offset is rounded to the grid (`zp = round(-b / s)`) and s refit for it."""
+    def err(q, s, z):
+        return np.square((q - z[..., None]) * s[..., None] - w).sum(-1)
+
+    best = err(q, scale, zp)
+    n = w.shape[-1]
+    for _ in range(rounds):
+        sq, sw = q.sum(-1), w.sum(-1)
+        sqq, sqw = np.square(q).sum(-1), (q * w).sum(-1)
+        det = n * sqq - sq * sq
+        ok = det > 0
+        s_new = np.divide(n * sqw - sq * sw, det, out=scale.copy(), where=ok).astype(np.float32)
+        b_new = np.divide(sw - s_new * sq, n, out=(-zp * scale).astype(np.float32))
+        ok &= s_new > 0
+        z_new = np.divide(-b_new, s_new, out=zp.copy(), where=ok)
+        if integer_zp:
+            z_new = np.clip(np.rint(z_new), 0, qmax)
+            c = q - z_new[..., None]
+            den = np.square(c).sum(-1)
+            s_new = np.divide((c * w).sum(-1), den, out=scale.copy(), where=ok & (den > 0)).astype(np.float32)
+            ok &= s_new > 0
+        s_new = np.where(ok, s_new, scale).astype(np.float32)
+        z_new = np.where(ok, z_new, zp).astype(np.float32)
+        q_new = _codes(w, s_new, z_new, qmax)
+        e = err(q_new, s_new, z_new)
+        better = e < best
+        if not better.any():
+            break
+        best = np.where(better, e, best)
+        scale = np.where(better, s_new, scale).astype(np.float32)
+        zp = np.where(better, z_new, zp).astype(np.float32)
+        q = np.where(better[..., None], q_new, q)
+    return q, scale, zp
+
+
+def _quantize_chunk(w: np.ndarray, *, bits: int, symmetric: bool, search: bool, float_zp: bool = False):
     """w [rows, n_blocks, block] float32 -> codes (float), scales, zero points (float)."""
     qmax = (1 << bits) - 1
     mid = float(1 << (bits - 1))
@@ -103,14 +141,19 @@ def _quantize_chunk(w: np.ndarray, *, bits: int, symmetric: bool, search: bool):
                 best_scale = np.where(better, scale, best_scale)
         scale = best_scale
     else:
-        lo = np.minimum(w.min(-1), 0.0)
-        hi = np.maximum(w.max(-1), 0.0)
+        if float_zp:   # any offset: the grid spans exactly [min, max] (shrunk about its centre)
+            lo, hi = w.min(-1), w.max(-1)
+        else:          # the integer zero point must be a code: the range must contain 0
+            lo, hi = np.minimum(w.min(-1), 0.0), np.maximum(w.max(-1), 0.0)
         ratios = _CLIP_RATIOS if search else np.ones(1)
         best_err = best_scale = best_zp = None
         for r in ratios:
             scale = ((hi - lo) * r / qmax).astype(np.float32)
             inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
-            zp = np.clip(np.rint(-lo * r * inv), 0, qmax).astype(np.float32)
+            if float_zp:
+                zp = (-((hi + lo) / 2 - (hi - lo) * r / 2) * inv).astype(np.float32)
+            else:
+                zp = np.clip(np.rint(-lo * r * inv), 0, qmax).astype(np.float32)
             q = _codes(w, scale, zp, qmax)
             err = np.square((q - zp[..., None]) * scale[..., None] - w).sum(-1)
             if best_err is None:
@@ -122,7 +165,9 @@ def _quantize_chunk(w: np.ndarray, *, bits: int, symmetric: bool, search: bool):
                 best_zp = np.where(better, zp, best_zp)
         scale, zp = best_scale, best_zp
     q = _codes(w, scale, zp, qmax)
-    if search:
+    if search and not symmetric:
+        q, scale, zp = _refine_affine(w, q, scale, zp, qmax=qmax, integer_zp=not float_zp)
+    elif search:
         # Least-squares scale for the chosen codes: argmin_s |s (q - zp) - w|^2; keep it only where
         # it really lowers the error (it can move codes' meaning, never their clipping).
         c = q - zp[..., None]
@@ -135,7 +180,7 @@ def _quantize_chunk(w: np.ndarray, *, bits: int, symmetric: bool, search: bool):
 
 
 def quantize(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True,
-             search: bool = False) -> Packed:
+             search: bool = False, float_zero_points: bool = False) -> Packed:
     """Quantize W [K, N] (a MatMul's weight, float32) blockwise along K into MatMulNBits layout."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -147,13 +192,14 @@ def quantize(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool = Tru
     blob = block_size * bits // 8
     data = np.empty((n, n_blocks, blob), np.uint8)
     scales = np.empty((n, n_blocks), np.float32)
-    zps = None if symmetric else np.empty((n, n_blocks), np.uint8)
+    zps = None if symmetric else np.empty((n, n_blocks), np.float32 if float_zero_points else np.uint8)
     for r0 in range(0, n, _CHUNK_ROWS):
         rows = slice(r0, min(r0 + _CHUNK_ROWS, n))
-        q, s, zp = _quantize_chunk(wt[rows], bits=bits, symmetric=symmetric, search=search)
+        q, s, zp = _quantize_chunk(wt[rows], bits=bits, symmetric=symmetric, search=search,
+                                   float_zp=float_zero_points)
         q = q.astype(np.uint8)
         data[rows] = q if bits == 8 else _pack4(q)
         scales[rows] = s
         if zps is not None:
-            zps[rows] = zp.astype(np.uint8)
+            zps[rows] = zp.astype(zps.dtype)
     return Packed(data, scales, zps, bits, block_size, k)

@@ -28,6 +28,7 @@ class Choice:
     bits: int
     symmetric: bool
     search: bool
+    float_zero_points: bool = False
 
 
 @dataclasses.dataclass
@@ -98,7 +99,8 @@ def rewrite(model: onnx.ModelProto, *, choose: Callable[[common.WeightMatMul], C
     for wm in common.weight_matmuls(graph, exclude=exclude):
         c = choose(wm)
         packed = blockwise.quantize(common.weight_array(graph, wm), bits=c.bits, block_size=block_size,
-                                    symmetric=c.symmetric, search=c.search)
+                                    symmetric=c.symmetric, search=c.search,
+                                    float_zero_points=c.float_zero_points)
         node, names = _matmul_nbits(graph, wm, packed, accuracy_level=accuracy_level)
         replacements[wm.node.output[0]] = [node]
         stats.matmuls[common.module_name(wm.node)] = c.bits

@@ -127,3 +127,21 @@ def test_cli_writes_folder_and_refuses_nonempty_out(tiny, tmp_path, capsys):
 
 def test_modes_listed():
     assert MODES == ("fp16", "int8", "int8-dynamic", "int4")
+
+
+def test_accuracy_level_recorded_and_applied(tiny, tmp_path):
+    import onnx
+    from onnx import helper
+
+    out = quantize_folder(tiny, tmp_path / "out", mode="int4", accuracy_level=0)
+    assert folder.read_manifest(out)["quantization"][0]["accuracy_level"] == 0
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    levels = {helper.get_node_attr_value(n, "accuracy_level") for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert levels == {0}
+
+
+@pytest.mark.parametrize("mode,level", [("fp16", 4), ("int8-dynamic", 0), ("int8", 7)])
+def test_accuracy_level_refused(tiny, tmp_path, mode, level):
+    with pytest.raises(QuantError, match="accuracy"):
+        quantize_folder(tiny, tmp_path / "out", mode=mode, accuracy_level=level)
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,8 @@ Modes:
   int4          4-bit blockwise (MatMulNBits bits=4, blocks of 32 by default, zero points,
                 error-minimizing scales) for the decoder layers; lm_head and embedding int8
 --block-size (int8, int4): 16, 32, 64, 128 or 256.
+--accuracy-level (int8, int4): MatMulNBits' compute type; 4 (default) quantizes activations to
+  int8 at run time (fast on CPU), 0 keeps them fp32 (more accurate, much slower on CPU).
 --exclude: comma-separated node or module names (fnmatch patterns) to leave in fp32, e.g.
   `lm_head` or `model.layers.0.*`.
 OUT receives model.onnx (+ model.onnx.data), the tokenizer, genai_config.json and edgellama.json
@@ -27,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
     p.add_argument("--mode", required=True, choices=["fp16", "int8", "int8-dynamic", "int4"])
     p.add_argument("--block-size", type=int, default=None, help="int8/int4 block size (default 32)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="int8/int4: MatMulNBits accuracy_level (default 4)")
     p.add_argument("--exclude", default="", metavar="NAMES",
                    help="comma-separated node/module names (fnmatch patterns) to keep unquantized")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
@@ -39,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_request(mode=args.mode, block_size=args.block_size)
     out = quantize_folder(args.input, args.output, mode=args.mode, block_size=args.block_size,
-                          exclude=args.exclude, force=args.force, progress=Progress(enabled=not args.quiet))
+                          exclude=args.exclude, force=args.force, accuracy_level=args.accuracy_level,
+                          progress=Progress(enabled=not args.quiet))
     print(out)
     return 0

@@ -93,6 +93,8 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
     _check_accuracy_level(mode, accuracy_level)
     patterns = common.pattern_list(exclude)
     src, dst = Path(src), Path(dst)
+    if dst.absolute().resolve() == src.absolute().resolve():
+        raise QuantError(f"output {dst} is the input folder; write the quantized model elsewhere")
     folder.check_output(dst, force=force)
     with progress.step(f"verify {src}"):
         manifest = _read_source(src)

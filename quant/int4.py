@@ -45,7 +45,8 @@ def apply(model: onnx.ModelProto, *, block_size: int, exclude: Sequence[str] = (
     eight = matmul_nbits.Choice(bits=8, symmetric=True, search=False)
     stats = matmul_nbits.rewrite(model, choose=lambda wm: four if _is_layer(wm) else eight,
                                  block_size=block_size, accuracy_level=accuracy_level, exclude=exclude)
-    return {"pass": "int4", "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": block_size,
+    return {"pass": "int4", "requires": "onnxruntime (com.microsoft contrib ops)",
+            "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": block_size,
             "symmetric": symmetric, "scale_search": search, "float_zero_points": float_zero_points, "accuracy_level": accuracy_level,
             "matmuls": len(stats.matmuls),
             "int8_matmuls": sorted(m for m, b in stats.matmuls.items() if b == 8),

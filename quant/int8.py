@@ -39,6 +39,7 @@ def apply(model: onnx.ModelProto, *, block_size: int, exclude: Sequence[str] = (
     choice = matmul_nbits.Choice(bits=8, symmetric=True, search=False)
     stats = matmul_nbits.rewrite(model, choose=lambda wm: choice, block_size=block_size,
                                  accuracy_level=accuracy_level, exclude=exclude)
-    return {"pass": "int8", "op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": block_size,
+    return {"pass": "int8", "requires": "onnxruntime (com.microsoft contrib ops)",
+            "op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": block_size,
             "symmetric": True, "accuracy_level": accuracy_level, "matmuls": len(stats.matmuls),
             "embedding": stats.embedding, "excluded": stats.excluded}

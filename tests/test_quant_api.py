@@ -145,3 +145,9 @@ def test_accuracy_level_refused(tiny, tmp_path, mode, level):
     with pytest.raises(QuantError, match="accuracy"):
         quantize_folder(tiny, tmp_path / "out", mode=mode, accuracy_level=level)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_is_input_refused(tiny):
+    with pytest.raises(QuantError, match="is the input folder"):
+        quantize_folder(tiny, tiny, mode="int8", force=True)
+    folder.verify_folder(tiny)

@@ -148,7 +148,39 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['variant']} | {r['ppl']:.4f} | {100 * r['ppl_change']:+.2f}% | {kl} | {top1} | "
                      f"{size} | {ratio} | {'yes' if r['paris'] else 'no: ' + repr(r['answer'][:40])} | "
                      f"{r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    goals = goal_lines(result)
+    return "\n".join(lines + ([""] + goals if goals else [])) + "\n"
+
+
+# The issue's goals (issue 4, "Quality"): (mode, description, check(row, rows by variant)).
+GOALS = (
+    ("fp16", "top-1 >= 99.5% and KL <= 1e-3", lambda r, _: r["top1"] >= 0.995 and r["kl_mean"] <= 1e-3),
+    ("int8", "ppl within +0.3%, KL <= 2e-3, top-1 >= 97.5%, size <= 0.30x",
+     lambda r, _: r["ppl_change"] <= 0.003 and r["kl_mean"] <= 2e-3 and r["top1"] >= 0.975 and r["size_ratio"] <= 0.30),
+    ("int8-dynamic", "ppl within +2%", lambda r, _: r["ppl_change"] <= 0.02),
+    ("int4", "size <= 0.20x", lambda r, _: r["size_ratio"] <= 0.20),
+    ("int4", "mean KL <= genai int4's / 3 at equal or smaller size",
+     lambda r, by: r["kl_mean"] * 3 <= by["genai builder int4"]["kl_mean"]
+     and r["size"] <= by["genai builder int4"]["size"]),
+)
+
+
+def goal_lines(result: dict) -> list[str]:
+    """One line per goal whose rows this run measured: met / missed, with the figures behind it."""
+    by = {r["variant"]: r for r in result["rows"] if "error" not in r and "ppl" in r}
+    lines = []
+    for mode, text, check in GOALS:
+        if mode not in by or ("genai" in text and "genai builder int4" not in by):
+            continue
+        r = by[mode]
+        try:
+            ok = check(r, by)
+        except (KeyError, TypeError):
+            continue
+        lines.append(f"- {result['model']} {mode}: {text}: {'met' if ok else 'MISSED'} "
+                     f"(ppl {100 * r['ppl_change']:+.2f}%, KL {r['kl_mean']:.2e}, top-1 {100 * r['top1']:.2f}%, "
+                     f"size {r.get('size_ratio', float('nan')):.3f}x)")
+    return lines
 
 
 def main() -> None:
@@ -166,7 +198,12 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="redo exports and builder outputs too")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--render", type=Path, default=None, help="only print the tables of a saved --json file")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text(encoding="utf-8"))
+        print(f"`{saved['command']}`\n\n" + "\n".join(markdown(r) for r in saved["results"]), end="")
+        return
 
     from edgellama.export.sources import smollm2_path
     from edgellama.runtime import quality as q

@@ -242,3 +242,28 @@ def test_smollm2_weights_sit_on_the_gguf_grid_and_degrid_moves_them(tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight"
     assert np.all(np.abs((noisy[name] - weights[name]).numpy()) <= steps[name] / 2 + 1e-6)
     assert _on_grid(noisy[name].numpy(), steps[name]) > 0.2
+
+
+# -- the benchmark script's goal lines --------------------------------------------------------------
+def test_bench_goal_lines_judge_rows():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "bench" / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(variant, ppl_change, kl, top1, ratio):
+        return {"variant": variant, "ppl": 10 * (1 + ppl_change), "ppl_change": ppl_change, "kl_mean": kl,
+                "top1": top1, "size": ratio and int(ratio * 1000), "size_ratio": ratio, "answer": "Paris", "paris": True,
+                "seconds": 1.0}
+
+    result = {"model": "m", "tokens": 10, "windows": 1, "window": 11, "text_sha256": "x",
+              "rows": [row("fp32 torch (P)", 0.0, None, None, None), row("int8", 0.001, 1e-3, 0.98, 0.28),
+                       row("int4", 0.2, 0.2, 0.7, 0.19), row("genai builder int4", 0.3, 0.4, 0.6, 0.16),
+                       {"variant": "int8-dynamic", "error": "boom"}]}
+    lines = bench.goal_lines(result)
+    assert any("int8:" in line and ": met" in line for line in lines)
+    assert any("genai int4's / 3" in line and "MISSED" in line for line in lines)  # KL 0.2 > 0.4 / 3
+    assert not any("int8-dynamic" in line for line in lines)  # an error row is not judged
+    assert "| int8-dynamic | error: boom |" in bench.markdown(result)

@@ -19,7 +19,7 @@ import torch
 # -- reference functions ----------------------------------------------------------------------
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: statistics in fp32, no mean subtraction, then `weight * x`."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))    # fp32, or fp64 for an fp64 reference run
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
@@ -64,7 +64,8 @@ def attention_bias(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype)
     q_slot = torch.arange(t - q_len, t, device=attention_mask.device)[:, None]   # [S, 1]
     k_slot = torch.arange(t, device=attention_mask.device)[None, :]              # [1, T]
     allowed = (k_slot <= q_slot)[None, None] & attention_mask[:, None, None, :].bool()
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def gqa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
@@ -85,7 +86,7 @@ def gqa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     vv = repeat_kv(present_v, num_heads // kv_num_heads)
     scores = torch.matmul(q, kk.transpose(2, 3)) * scale                       # [B, H, S, T]
     scores = scores + attention_bias(attention_mask, s, scores.dtype)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     out = torch.matmul(probs, vv)                                              # [B, H, S, D]
     return out.transpose(1, 2).reshape(b, s, hd), present_k, present_v
 

@@ -30,10 +30,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgellama.quant import common
+from edgellama.quant import common, smooth as smoothing
 
 KEEP_LM_HEAD_FP32 = True
 PER_TOKEN = True
+SMOOTH = True          # SmoothQuant factors folded into the RMSNorm weights first (smooth.py)
 
 
 # With uint8 activations (the per-tensor DynamicQuantizeLinear form) weight codes must use 7 bits
@@ -83,10 +84,11 @@ def _quantize_activation(graph: onnx.GraphProto, a: str, mod: str) -> tuple[tupl
 
 
 def apply(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
-          keep_lm_head_fp32: bool = KEEP_LM_HEAD_FP32) -> dict:
+          keep_lm_head_fp32: bool = KEEP_LM_HEAD_FP32, smooth: bool = SMOOTH) -> dict:
     """Quantize `model` in place; returns the manifest's record of the pass."""
     graph = model.graph
     patterns = tuple(exclude) + (("lm_head",) if keep_lm_head_fp32 else ())
+    smoothed = smoothing.apply(model, exclude=patterns) if smooth else {"smoothing": None}
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
     replacements: dict[str, list[onnx.NodeProto]] = {}
     done = []
@@ -122,4 +124,4 @@ def apply(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
             "weights": f"int8 symmetric per output channel, codes -{qmax}..{qmax}",
             "activations": "int8 symmetric per token, dynamic" if PER_TOKEN else "uint8 per tensor, dynamic",
             "matmuls": len(done), "lm_head": "fp32" if keep_lm_head_fp32 else "int8", "embedding": "fp32",
-            "excluded": excluded}
+            "excluded": excluded, **smoothed}

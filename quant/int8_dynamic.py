@@ -3,15 +3,20 @@
 Built from standard ONNX ops only, so it is valid on every target (onnx23 included) and any runtime:
 
   per distinct activation A (q/k/v share one, gate/up share one):
-    A_scale = max(|A|, last axis) / 127              (per token: Abs, ReduceMax, Mul, Max)
-    A_q = int8(clip(round(A / A_scale), -127, 127))  (Div, Round, Clip, Cast)
+    A_scale = max(|A|, last axis) / 127                    (per token: Abs, ReduceMax, Mul, Max)
+    A_q = uint8(clip(round(A / A_scale), -127, 127) + 128) (Div, Round, Clip, Add, Cast)
   per weight MatMul:
-    MatMulInteger(A_q, W_q int8) -> int32
-    Cast(float) * (A_scale * W_scale[N])             (W_scale per output column)
+    MatMulInteger(A_q, W_q int8, 128) -> int32
+    Cast(float) * (A_scale * W_scale[N])                   (W_scale per output column)
+
+ONNX Runtime fuses the MatMulInteger chain into MatMulIntegerToFloat (u8s8 GEMM). Symmetric
+activation codes kept as uint8 around a fixed zero point 128, because ORT's s8s8 GEMM is ~10x
+slower on AVX2 (smollm2 decode: 439 ms vs 41 ms in that op); the price is 7-bit weight codes
+(WEIGHT_QMAX_U8, saturation, below).
 
 Per-token scales, not ONNX's per-tensor DynamicQuantizeLinear: in a prefill, the first token's
 massive activations set one scale for every token and flatten the rest (smollm2, per tensor:
-perplexity +78% even with 7-bit weights; per token: +2.0%). PER_TOKEN = False gives the classic
+perplexity +78%; per token: +2.6%, mean KL 0.026 with smoothing). PER_TOKEN = False gives the classic
 DynamicQuantizeLinear + MatMulInteger form, which ONNX Runtime fuses into DynamicQuantizeMatMul.
 Reference: ONNX operator specs of MatMulInteger, DynamicQuantizeLinear.
 
@@ -34,14 +39,15 @@ from edgellama.quant import common, smooth as smoothing
 
 KEEP_LM_HEAD_FP32 = True
 PER_TOKEN = True
+ACT_UINT8 = True       # per-token codes stored as uint8 + 128 (see _quantize_activation)
 SMOOTH = True          # SmoothQuant factors folded into the RMSNorm weights first (smooth.py)
 
 
 # With uint8 activations (the per-tensor DynamicQuantizeLinear form) weight codes must use 7 bits
 # (-63..63): x86 CPUs without VNNI multiply uint8 x int8 with VPMADDUBSW, which adds two products
 # into a saturating int16; 255 * 127 * 2 overflows it and wrecks the output (smollm2: KL 13 with
-# full codes), 255 * 63 * 2 fits (onnxruntime.quantization's `reduce_range`). The per-token int8
-# form (PER_TOKEN, the default) measured no saturation with full codes on AVX2 and is more accurate.
+# full codes), 255 * 63 * 2 fits (onnxruntime.quantization's `reduce_range`). Full codes are used
+# only with int8 activations (ACT_UINT8 = False: accurate, but the slow s8s8 GEMM).
 WEIGHT_QMAX_U8 = 63
 WEIGHT_QMAX = 127
 
@@ -78,9 +84,19 @@ def _quantize_activation(graph: onnx.GraphProto, a: str, mod: str) -> tuple[tupl
         common.constant(t["lo"], np.array(-127, np.float32), name=f"{mod}/Constant_lo"),
         common.constant(t["hi"], np.array(127, np.float32), name=f"{mod}/Constant_hi"),
         helper.make_node("Clip", [t["round"], t["lo"], t["hi"]], [t["clip"]], name=f"{mod}/Clip_act"),
-        helper.make_node("Cast", [t["clip"]], [q], to=TensorProto.INT8, name=f"{mod}/Cast_act"),
     ]
-    return (q, scale, ""), nodes
+    if not ACT_UINT8:
+        nodes.append(helper.make_node("Cast", [t["clip"]], [q], to=TensorProto.INT8, name=f"{mod}/Cast_act"))
+        return (q, scale, ""), nodes
+    # uint8 codes around a fixed zero point 128: ORT's fast u8s8 GEMM instead of its slow s8s8 one.
+    shift, shifted, zero = (common.unique_name(graph, f"{a}_{k}") for k in ("c128", "shifted", "zero_point"))
+    nodes += [
+        common.constant(shift, np.array(128, np.float32), name=f"{mod}/Constant_128"),
+        helper.make_node("Add", [t["clip"], shift], [shifted], name=f"{mod}/Add_act_zero"),
+        helper.make_node("Cast", [shifted], [q], to=TensorProto.UINT8, name=f"{mod}/Cast_act"),
+        common.constant(zero, np.array(128, np.uint8), name=f"{mod}/Constant_zero_point"),
+    ]
+    return (q, scale, zero), nodes
 
 
 def apply(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
@@ -92,7 +108,7 @@ def apply(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
     replacements: dict[str, list[onnx.NodeProto]] = {}
     done = []
-    qmax = WEIGHT_QMAX if PER_TOKEN else WEIGHT_QMAX_U8
+    qmax = WEIGHT_QMAX if PER_TOKEN and not ACT_UINT8 else WEIGHT_QMAX_U8
     for wm in common.weight_matmuls(graph, exclude=patterns):
         node, mod = wm.node, common.module_name(wm.node)
         a = node.input[0]

@@ -14,9 +14,10 @@ Policy (what is quantized and why):
 
 Measured on smollm2 (portable target, 16 windows of 256 tokens of standard-library docstrings,
 against the fp32 ONNX model; .notes/quant.md): 0.285x the fp32 bytes;
-accuracy_level 4: perplexity +0.33%, mean KL 4.7e-3, top-1 95.9%, decode ~0.1 s/token;
-accuracy_level 0: perplexity +0.15%, mean KL 1.3e-3, top-1 98.1%, but ~2.4 s/token on this
-AVX2 CPU (MLAS has no fast fp32-activation path for 8-bit weights here).
+default (accuracy_level 4, smoothing): perplexity +0.11%, mean KL 3.2e-3, top-1 96.7%;
+accuracy_level 4 without smoothing: +0.33%, KL 4.7e-3, top-1 95.9%;
+accuracy_level 0 (fp32 activations): +0.15%, KL 1.3e-3, top-1 98.1%, but ~25x slower decode on
+this AVX2 CPU (MLAS has no fast fp32-activation path for 8-bit weights here).
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ def folder_precision(manifest: dict[str, Any]) -> str:
     quant = manifest.get("quantization") or []
     if quant:
         last = quant[-1]
-        return str(last.get("mode", last) if isinstance(last, dict) else last)
+        return str((last.get("pass") or last.get("mode") or last) if isinstance(last, dict) else last)
     return str(manifest.get("dtype", "fp32"))
 
 

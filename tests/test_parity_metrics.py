@@ -113,7 +113,8 @@ def test_left_padded_batch():
     ({"dtype": "fp32", "quantization": []}, "fp32"),
     ({"dtype": "fp16", "quantization": []}, "fp16"),
     ({"dtype": "fp32", "quantization": [{"mode": "fp16"}]}, "fp16"),
-    ({"dtype": "fp32", "quantization": [{"mode": "int8-dynamic"}]}, "int8"),
+    ({"dtype": "fp32", "quantization": [{"mode": "int8-dynamic"}]}, "int8-dynamic"),
+    ({"dtype": "fp32", "quantization": [{"pass": "int8"}]}, "int8"),
     ({"dtype": "fp16", "quantization": [{"mode": "int4", "block_size": 32}]}, "int4"),
 ])
 def test_precision_from_manifest(manifest, want):

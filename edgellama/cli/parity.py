@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edgellama.runtime.parity_tolerances import PRECISIONS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", type=Path, help="exported model folder to check")
@@ -34,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "compares CUDA against CPU")
     p.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line (default: built-in prompts)")
     p.add_argument("--decode-steps", type=int, default=8, metavar="N", help="decode steps after prefill (default 8)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"],
+    p.add_argument("--precision", choices=list(PRECISIONS),
                    help="tolerance table to use (default: read from the manifests' dtype and quantization)")
     p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
                    help="override one tolerance (repeatable), e.g. kl_mean=1e-3 or greedy_match=none")

@@ -8,6 +8,13 @@ Tied embeddings (one initializer read by the embedding Gather and, through a Tra
 lm_head/MatMul): when lm_head is quantized symmetrically with a block size dividing K, the Gather
 reads the lm_head's own quantized bytes (a Reshape, which ONNX Runtime folds at load), so the
 table is stored once, as in the fp32 export.
+
+Sibling MatMuls (the same input, the same Choice: q/k/v, gate/up) become ONE MatMulNBits over
+their weights stacked along N, then a Split back to the original outputs. Per-column
+quantization makes the stacking exact (each output column keeps its own blocks, scales and zero
+points); what it saves is per-node work that does not scale with N: with accuracy_level 4 each
+MatMulNBits quantizes its input activations again, and each node is one more thread-pool
+dispatch per token. onnxruntime-genai's builder packs the same way.
 """
 
 from __future__ import annotations
@@ -54,6 +61,38 @@ def _matmul_nbits(graph: onnx.GraphProto, wm: common.WeightMatMul, packed: block
     return node, {"data": b, "scales": s}
 
 
+# Stack sibling MatMuls into one MatMulNBits (see the module docstring); False keeps one node each.
+PACK_SIBLINGS = True
+
+
+def _stack(packs: Sequence[blockwise.Packed]) -> blockwise.Packed:
+    """One Packed for weights concatenated along N (every row is quantized on its own)."""
+    first = packs[0]
+    zps = [p.zero_points for p in packs]
+    return blockwise.Packed(
+        data=np.concatenate([p.data for p in packs]), scales=np.concatenate([p.scales for p in packs]),
+        zero_points=None if zps[0] is None else np.concatenate(zps), bits=first.bits,
+        block_size=first.block_size, k=first.k)
+
+
+def _packed_matmul(graph: onnx.GraphProto, wms: Sequence[common.WeightMatMul], packs: Sequence[blockwise.Packed],
+                   *, accuracy_level: int) -> list[onnx.NodeProto]:
+    """MatMulNBits over the stacked weights, then Split (last axis) into the siblings' outputs."""
+    mods = [common.module_name(wm.node) for wm in wms]
+    parent = mods[0].rsplit(".", 1)[0] if "." in mods[0] else ""
+    module = (parent + "." if parent else "") + "+".join(m.rsplit(".", 1)[-1] for m in mods)
+    merged = _stack(packs)
+    stacked = common.unique_name(graph, f"{module}/MatMulNBits_output_0")
+    first = common.WeightMatMul(helper.make_node("MatMul", [wms[0].node.input[0], wms[0].weight], [stacked],
+                                                 name=f"{module}/MatMul"), f"{module}.weight", False)
+    node, _ = _matmul_nbits(graph, first, merged, accuracy_level=accuracy_level)
+    sizes = common.unique_name(graph, f"{module}/split_sizes")
+    return [node,
+            common.constant(sizes, np.array([p.n for p in packs], np.int64), name=f"{module}/Constant_split"),
+            helper.make_node("Split", [stacked, sizes], [wm.node.output[0] for wm in wms],
+                             name=f"{module}/Split", axis=-1)]
+
+
 def _gather_shared(graph: onnx.GraphProto, node: onnx.NodeProto, names: dict[str, str],
                    packed: blockwise.Packed) -> list[onnx.NodeProto]:
     """GatherBlockQuantized over the lm_head's MatMulNBits bytes: [N, nb, blob] -> [N, K*bits/8]."""
@@ -96,16 +135,32 @@ def rewrite(model: onnx.ModelProto, *, choose: Callable[[common.WeightMatMul], C
     stats = Stats()
     replacements: dict[str, list[onnx.NodeProto]] = {}
     quantized: dict[str, tuple[blockwise.Packed, dict[str, str]]] = {}   # weight name (transposed) -> packed
+    groups: dict[tuple[str, Choice], list[tuple[common.WeightMatMul, blockwise.Packed]]] = {}
     for wm in common.weight_matmuls(graph, exclude=exclude):
         c = choose(wm)
         packed = blockwise.quantize(common.weight_array(graph, wm), bits=c.bits, block_size=block_size,
                                     symmetric=c.symmetric, search=c.search,
                                     float_zero_points=c.float_zero_points)
-        node, names = _matmul_nbits(graph, wm, packed, accuracy_level=accuracy_level)
-        replacements[wm.node.output[0]] = [node]
         stats.matmuls[common.module_name(wm.node)] = c.bits
         if wm.transposed:
+            # A tied lm_head: its bytes are shared with the embedding below, so it stays its own node.
+            node, names = _matmul_nbits(graph, wm, packed, accuracy_level=accuracy_level)
+            replacements[wm.node.output[0]] = [node]
             quantized[wm.weight] = (packed, names)
+        else:
+            key = (wm.node.input[0] if PACK_SIBLINGS else wm.node.output[0], c)
+            groups.setdefault(key, []).append((wm, packed))
+    for members in groups.values():
+        if len(members) == 1:
+            wm, packed = members[0]
+            replacements[wm.node.output[0]] = [_matmul_nbits(graph, wm, packed, accuracy_level=accuracy_level)[0]]
+            continue
+        wms, packs = [m[0] for m in members], [m[1] for m in members]
+        # The stacked node goes where the first sibling was: all siblings read the same input, and
+        # every reader of any sibling's output comes after that point.
+        replacements[wms[0].node.output[0]] = _packed_matmul(graph, wms, packs, accuracy_level=accuracy_level)
+        for wm in wms[1:]:
+            replacements[wm.node.output[0]] = []
     stats.excluded = [common.module_name(n) for n in graph.node
                       if n.op_type == "MatMul" and common.excluded(n, exclude)]
     if quantize_embedding:

@@ -59,13 +59,18 @@ def test_op_counts_and_bits(pair):
     fp32, q = pair
     cfg = folder.read_manifest(fp32)["config"]
     entry = folder.read_manifest(q)["quantization"][0]
-    assert entry["ops_after"]["com.microsoft:MatMulNBits"] == 7 * cfg["num_hidden_layers"] + 1
+    # Per layer: q+k stacked (4 bits), v alone (8 bits), o, gate+up stacked, down; then lm_head.
+    layers = cfg["num_hidden_layers"]
+    assert entry["ops_after"]["com.microsoft:MatMulNBits"] == 5 * layers + 1
+    assert entry["ops_after"][":Split"] == 2 * layers
     assert entry["ops_after"].get(":MatMul", 0) == 0
     model = onnx.load(q / "model.onnx", load_external_data=False)
     bits = {n.name: helper.get_node_attr_value(n, "bits") for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert bits.pop("lm_head/MatMulNBits") == 8          # the documented policy
     assert {n for n, b in bits.items() if b == 8} == {f"model.layers.{i}.self_attn.v_proj/MatMulNBits"
-                                                      for i in range(cfg["num_hidden_layers"])}
+                                                      for i in range(layers)}
+    assert "model.layers.0.self_attn.q_proj+k_proj/MatMulNBits" in bits
+    assert "model.layers.0.mlp.gate_proj+up_proj/MatMulNBits" in bits
     assert {b for n, b in bits.items() if "v_proj" not in n} == {4}
     assert all(len(n.input) == 4 for n in model.graph.node if n.op_type == "MatMulNBits"
                and helper.get_node_attr_value(n, "bits") == 4)   # zero points present

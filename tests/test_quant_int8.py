@@ -64,11 +64,15 @@ def test_op_counts(pair):
     entry = folder.read_manifest(q)["quantization"][0]
     assert entry["ops_before"][":MatMul"] == n_matmul
     assert entry["ops_after"].get(":MatMul", 0) == 0
-    assert entry["ops_after"]["com.microsoft:MatMulNBits"] == n_matmul
+    # q/k/v and gate/up each stacked into one MatMulNBits (+ Split): 4 nodes a layer, then lm_head.
+    assert entry["ops_after"]["com.microsoft:MatMulNBits"] == 4 * cfg["num_hidden_layers"] + 1
+    assert entry["ops_after"][":Split"] == 2 * cfg["num_hidden_layers"]
     assert entry["ops_after"]["com.microsoft:GatherBlockQuantized"] == 1
     model = onnx.load(q / "model.onnx", load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert {n.name for n in nbits} >= {"lm_head/MatMulNBits", "model.layers.0.mlp.down_proj/MatMulNBits"}
+    assert {n.name for n in nbits} >= {"lm_head/MatMulNBits", "model.layers.0.mlp.down_proj/MatMulNBits",
+                                       "model.layers.0.self_attn.q_proj+k_proj+v_proj/MatMulNBits",
+                                       "model.layers.0.mlp.gate_proj+up_proj/MatMulNBits"}
     assert all(helper.get_node_attr_value(n, "bits") == 8 for n in nbits)
 
 

@@ -1,6 +1,6 @@
 """Text generation on an exported model folder: prefill, then one token a step through the KV cache.
 
-    from edgellama.runtime.generator import Generator
+    from edgellama.runtime import Generator
     gen = Generator("out/smollm2")                       # provider "auto": CUDA if it can start, else CPU
     print(gen.generate("What is ONNX?", chat=True, max_new_tokens=64).text)
     for piece in gen.stream("Tell me a story", chat=True, temperature=0.7, seed=1):

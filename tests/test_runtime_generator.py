@@ -131,3 +131,13 @@ def test_timings_are_reported(model):
     assert d["decode_tokens_per_s"] > 0 and d["decode_ms"] > 0
     one = Generator(model).generate_ids([3, 4], max_new_tokens=1, stop=False)[0]
     assert len(one.token_ids) == 1 and one.decode_tokens_per_s == 0.0
+
+
+def test_public_names_import_from_the_package():
+    import edgellama.runtime as rt
+    from edgellama.runtime import Generator as G
+    from edgellama.runtime.generator import Generator
+
+    assert G is Generator and set(rt.__all__) >= {"Generator", "run_parity", "SamplingParams"}
+    with pytest.raises(AttributeError):
+        rt.NotAName  # noqa: B018

@@ -108,8 +108,6 @@ def left_padded_batch(vocab):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_tiny_parity(variant, target, tmp_path):
-    if variant in ("linear-rope-mha",) and target != "portable":
-        pytest.skip("covered on portable; lowering is exercised by the other variants")
     model = random_llama(**VARIANTS[variant])
     loop = OrtLoop(export_session(model, target, tmp_path), model.config)
     ids, mask = left_padded_batch(model.config.vocab_size)

@@ -14,7 +14,8 @@ from quant_util import logits, mean_kl
 
 pytestmark = pytest.mark.slow
 
-# mode -> mean KL bound (measured: fp16 5e-6, int8 3.2e-3, int8-dynamic 2.6e-2, int4 0.20)
+# mode -> mean KL bound. Measured over 4,096 tokens: fp16 1.2e-5, int8 3.1e-3, int8-dynamic 2.6e-2,
+# int4 0.13; on this one 128-token window (2026-12-01): 6.0e-6, 4.4e-3, 4.5e-2, 0.21.
 BOUNDS = {"fp16": 1e-4, "int8": 1e-2, "int8-dynamic": 6e-2, "int4": 0.4}
 
 
@@ -41,4 +42,6 @@ def test_mode_close_to_fp32(smollm2, text_ids, tmp_path, mode):
     q = quantize_folder(smollm2, tmp_path / mode, mode=mode)
     a, b = logits(smollm2, text_ids), logits(q, text_ids)
     assert np.isfinite(b).all()
-    assert mean_kl(a, b) < BOUNDS[mode]
+    kl = mean_kl(a, b)
+    print(f"smollm2 {mode}: mean KL {kl:.2e} against the fp32 export (bound {BOUNDS[mode]:.0e})")
+    assert kl < BOUNDS[mode]

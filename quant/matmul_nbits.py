@@ -36,6 +36,7 @@ class Choice:
     symmetric: bool
     search: bool
     float_zero_points: bool = False
+    block_size: int | None = None          # None: the pass's block size
 
 
 @dataclasses.dataclass
@@ -138,7 +139,7 @@ def rewrite(model: onnx.ModelProto, *, choose: Callable[[common.WeightMatMul], C
     groups: dict[tuple[str, Choice], list[tuple[common.WeightMatMul, blockwise.Packed]]] = {}
     for wm in common.weight_matmuls(graph, exclude=exclude):
         c = choose(wm)
-        packed = blockwise.quantize(common.weight_array(graph, wm), bits=c.bits, block_size=block_size,
+        packed = blockwise.quantize(common.weight_array(graph, wm), bits=c.bits, block_size=c.block_size or block_size,
                                     symmetric=c.symmetric, search=c.search,
                                     float_zero_points=c.float_zero_points)
         stats.matmuls[common.module_name(wm.node)] = c.bits

@@ -332,7 +332,10 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         ax.scatter(x, bounds, marker="_", s=900, color="tab:red", label="memory-bandwidth bound")
     ax.set_xticks(x, [f"{r.name}\n{r.precision}" for r in rows], fontsize=8)
     ax.set_ylabel("tokens / s")
-    ax.legend(fontsize=8)
+    # Headroom above the tallest mark, so that the legend never sits on a bound.
+    top = max([r.decode_tokens_per_s for r in rows] + [b for b in bounds if b])
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -19,11 +19,13 @@ from edgellama.quant import common
 MODES = common.MODES
 
 
-def check_request(mode: str, block_size: int | None) -> None:
-    """QuantError for an unknown mode or a block size the kernel does not support."""
+def check_request(mode: str, block_size: int | None, *, accuracy_level: int | None = None) -> None:
+    """QuantError for an unknown mode, a block size the kernel does not support, or an accuracy
+    level the mode does not take."""
     if mode not in MODES:
         raise QuantError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
     common.check_block_size(mode, block_size)
+    _check_accuracy_level(mode, accuracy_level)
 
 
 def _read_source(src: Path) -> dict:

@@ -28,6 +28,9 @@ def test_version_and_help(capsys):
     (["export"], "required"),
     (["export", "no-such-model", "-o", "OUTDIR"], "no-such-model"),
     (["inspect", "no/such/folder"], "no/such/folder"),
+    (["export", "tiny", "-o", "OUTDIR", "--exclude", "lm_head"], "need --quant"),
+    (["export", "tiny", "-o", "OUTDIR", "--quant", "fp16", "--accuracy-level", "4"], "int8 and int4 only"),
+    (["export", "tiny", "-o", "OUTDIR", "--quant", "int4", "--block-size", "24"], "block size 24"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, words, tmp_path):
     argv = [str(tmp_path / "o") if a == "OUTDIR" else a for a in argv]

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellama.progress import Progress
     from edgellama.quant.api import check_request, quantize_folder
 
-    check_request(mode=args.mode, block_size=args.block_size)
+    check_request(mode=args.mode, block_size=args.block_size, accuracy_level=args.accuracy_level)
     out = quantize_folder(args.input, args.output, mode=args.mode, block_size=args.block_size,
                           exclude=args.exclude, force=args.force, accuracy_level=args.accuracy_level,
                           progress=Progress(enabled=not args.quiet))

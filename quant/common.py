@@ -69,20 +69,30 @@ def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Value name -> the node that writes it."""
     return {o: n for n in graph.node for o in n.output}
+
+
+def readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the nodes that read it, in graph order."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            found.setdefault(i, []).append(n)
+    return found
 
 
 def weight_matmuls(graph: onnx.GraphProto, *, exclude: Sequence[str] = ()) -> list[WeightMatMul]:
     """Every MatMul with a constant 2-D float weight, in graph order, minus the excluded ones."""
     inits = initializers(graph)
-    producers = _producers(graph)
+    writers = producers(graph)
     found = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or excluded(node, exclude):
             continue
         name, transposed = node.input[1], False
-        prod = producers.get(name)
+        prod = writers.get(name)
         if name not in inits and prod is not None and prod.op_type == "Transpose":
             perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), [1, 0])
             if perm == [1, 0] and prod.input[0] in inits:

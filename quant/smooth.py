@@ -46,10 +46,7 @@ CALIBRATION_TOKENS = 512
 
 def _targets(graph: onnx.GraphProto, exclude: Sequence[str]) -> list[tuple[onnx.NodeProto, int, list[onnx.NodeProto]]]:
     inits = common.initializers(graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = common.readers(graph)
     outputs = {o.name for o in graph.output}
     found = []
     for n in graph.node:
@@ -72,13 +69,8 @@ def _mlp_targets(graph: onnx.GraphProto, exclude: Sequence[str]) -> list[tuple[o
     """(up MatMul, product Mul, down MatMul) triples: down reads `Mul(act, up)` and nothing else
     reads up's output, the product, or either weight."""
     inits = common.initializers(graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    producer: dict[str, onnx.NodeProto] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-        for o in n.output:
-            producer[o] = n
+    readers = common.readers(graph)
+    producer = common.producers(graph)
     outputs = {o.name for o in graph.output}
 
     def weight_matmul(n: onnx.NodeProto | None) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgellama.errors import EdgellamaError, RuntimeInputError
+from edgellama.runtime.parity_tolerances import precision_of
 
 AGAINST = ("torch", "genai", "genai-folder")
 
@@ -253,12 +254,8 @@ def build_genai_model(hf_folder: Path, out: Path, *, precision: str, provider: s
 
 
 def folder_precision(manifest: dict[str, Any]) -> str:
-    """fp32 / fp16, or the last quantization mode applied (int8, int4, ...)."""
-    quant = manifest.get("quantization") or []
-    if quant:
-        last = quant[-1]
-        return str((last.get("pass") or last.get("mode") or last) if isinstance(last, dict) else last)
-    return str(manifest.get("dtype", "fp32"))
+    """fp32 / fp16, or the quantization mode applied (int8, int4, ...): the same reading as parity's."""
+    return precision_of(manifest)
 
 
 # -- the benchmark --------------------------------------------------------------------------------------

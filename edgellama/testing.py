@@ -22,7 +22,7 @@ def assert_parity(model: str | Path, *, reference: str | Path = "torch", provide
     `tolerances` overrides keys of the precision's table (runtime/parity_tolerances.py), as
     `--tolerance KEY=VALUE` does; other keyword arguments go to `runtime.parity.run_parity`.
     """
-    from edgellama.runtime import parity, parity_report
+    from edgellama.check import parity, parity_report
 
     if isinstance(providers, str):
         providers = [p.strip() for p in providers.split(",") if p.strip()]

@@ -222,7 +222,7 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from edgellama.export.tokenizer import Tokenizer
+    from edgellama.tokenizer import Tokenizer
 
     tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
     merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
@@ -286,7 +286,7 @@ def _sentencepiece_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> A
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from edgellama.export.tokenizer import Tokenizer
+    from edgellama.tokenizer import Tokenizer
 
     fields = reader.fields
     tokens = list(fields["tokenizer.ggml.tokens"].contents())

@@ -86,7 +86,7 @@ def read_weights(files: list[Path]) -> dict[str, Any]:
 
 def read_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer, or None when it has no tokenizer.json (token ids still work)."""
-    from edgellama.export.tokenizer import Tokenizer
+    from edgellama.tokenizer import Tokenizer
 
     if not (folder / "tokenizer.json").is_file():
         return None

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from edgellama.errors import ExportError
-from edgellama.export import folder as model_folder
+from edgellama import folder as model_folder
+from edgellama.contract import describe_io
 from edgellama.export import schemas
 from edgellama.export.model import Llama
 from edgellama.progress import SILENT, Progress
@@ -192,14 +193,6 @@ def lower(ir_model: Any, *, target: str, provider: str = "cpu") -> Any:
     return ir.serde.deserialize_model(result) if not isinstance(result, ir.Model) else result
 
 
-def describe_io(ir_model: Any) -> dict[str, Any]:
-    def one(v):
-        return {"name": v.name, "dtype": str(v.dtype.name).lower() if v.dtype is not None else None,
-                "shape": [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None}
-
-    return {"inputs": [one(v) for v in ir_model.graph.inputs], "outputs": [one(v) for v in ir_model.graph.outputs]}
-
-
 def _version() -> str:
     import edgellama
 
@@ -247,16 +240,8 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
         if tokenizer is not None:
             tokenizer.save(tmp)
         io = describe_io(ir_model)
-        model_folder.write_genai_config(tmp, model.config, io={"inputs": [i["name"] for i in io["inputs"]]})
-        model_folder.write_manifest(tmp, {
-            "source": info,
-            "config": model.config.to_dict(),
-            "target": target,
-            "dtype": dtype,
-            "provider": provider,
-            "opset": opset,
-            "quantization": [],
-            "io": io,
-            "packages": model_folder.package_versions(),
-        })
+        model_folder.write_genai_config(tmp, model.config, inputs=[i["name"] for i in io["inputs"]])
+        model_folder.write_manifest(tmp, model_folder.Manifest(
+            source=info, config=model.config.to_dict(), target=target, dtype=dtype, provider=provider,
+            opset=opset, io=io, packages=model_folder.package_versions()))
     return out

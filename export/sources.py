@@ -233,7 +233,7 @@ def byte_tokenizer(config: LlamaConfig) -> Any:
     from tokenizers import Tokenizer as Backend
 
     from edgellama.export.gguf_source import byte_chars
-    from edgellama.export.tokenizer import Tokenizer
+    from edgellama.tokenizer import Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     chars = list(byte_chars().values())

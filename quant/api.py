@@ -8,10 +8,12 @@ manifest's `quantization` list recording the pass and its settings.
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 from pathlib import Path
 from typing import Iterable
 
+from edgellama import folder
+from edgellama.contract import describe_io
 from edgellama.errors import ModelFolderError, QuantError
 from edgellama.progress import SILENT, Progress
 from edgellama.quant import common
@@ -28,21 +30,17 @@ def check_request(mode: str, block_size: int | None, *, accuracy_level: int | No
     _check_accuracy_level(mode, accuracy_level)
 
 
-def _read_source(src: Path) -> dict:
-    from edgellama.export import folder
-
+def _read_source(src: Path) -> "folder.Manifest":
     try:
         manifest = folder.verify_folder(src)
     except ModelFolderError as e:
         raise QuantError(f"cannot quantize: {e}") from None
-    done = manifest.get("quantization")
-    if done:
-        passes = ", ".join(str(p.get("pass")) for p in done if isinstance(p, dict)) or "?"
-        raise QuantError(f"{src} is already quantized ({passes}); quantize the fp32 export instead")
-    if manifest.get("dtype", "fp32") != "fp32":
-        raise QuantError(f"{src} is a {manifest.get('dtype')} export; quantization starts from an fp32 export")
-    if manifest.get("target") not in ("portable", "ort", "onnx23"):
-        raise QuantError(f"{src}: unknown export target {manifest.get('target')!r} in its manifest")
+    if manifest.quantization:
+        raise QuantError(f"{src} is already quantized ({manifest.quant_pass or '?'}); quantize the fp32 export instead")
+    if manifest.dtype != "fp32":
+        raise QuantError(f"{src} is a {manifest.dtype} export; quantization starts from an fp32 export")
+    if manifest.target not in folder.TARGETS:
+        raise QuantError(f"{src}: unknown export target {manifest.target!r} in its manifest")
     return manifest
 
 
@@ -88,8 +86,6 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
     edgellama export, or one already quantized; nothing is written at `dst` then.
     `accuracy_level` (int8/int4) overrides the pass's MatMulNBits accuracy level.
     """
-    from edgellama.export import folder
-
     check_request(mode, block_size)
     block = common.check_block_size(mode, block_size)
     _check_accuracy_level(mode, accuracy_level)
@@ -104,23 +100,18 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
         model = folder.load_model_proto(src)
     before = common.count_ops(model)
     with progress.step(f"quantize ({mode})"):
-        entry = _apply(mode, model, target=manifest["target"], block_size=block, exclude=patterns,
+        entry = _apply(mode, model, target=manifest.target, block_size=block, exclude=patterns,
                        accuracy_level=accuracy_level)
     entry["ops_before"], entry["ops_after"] = before, common.count_ops(model)
     if patterns:
         entry["exclude"] = list(patterns)
     with folder.staged_folder(dst, force=force) as tmp, progress.step("write model folder"):
         folder.save_model(model, tmp)
-        for name in manifest.get("files", {}):
-            if name not in (folder.MODEL, folder.DATA, folder.MANIFEST):
-                shutil.copy2(src / name, tmp / name)
-        new = {k: v for k, v in manifest.items() if k not in ("files", "format_version")}
-        new["quantization"] = [entry]
-        new["io"] = common.describe_io(model)
-        new["packages"] = folder.package_versions()
-        new["quantized_from"] = {"path": str(src.absolute()),
-                                 "model_sha256": manifest.get("files", {}).get(folder.MODEL, {}).get("sha256")}
-        if mode == "fp16":
-            new["dtype"] = "fp16"
+        folder.copy_side_files(src, tmp, manifest)
+        model_rec = manifest.files.get(folder.MODEL)
+        new = dataclasses.replace(
+            manifest, quantization=[entry], io=describe_io(model), packages=folder.package_versions(),
+            quantized_from={"path": str(src.absolute()), "model_sha256": model_rec.sha256 if model_rec else None},
+            dtype="fp16" if mode == "fp16" else manifest.dtype)
         folder.write_manifest(tmp, new)
     return dst

@@ -202,19 +202,6 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def describe_io(model: onnx.ModelProto) -> dict[str, list]:
-    """The manifest's `io` record (same shape as export's) from a ModelProto."""
-    def one(v: onnx.ValueInfoProto) -> dict:
-        tt = v.type.tensor_type
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else None
-        dtype = {"float32": "float", "float16": "float16"}.get(dtype, dtype)
-        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim] \
-            if tt.HasField("shape") else None
-        return {"name": v.name, "dtype": dtype, "shape": shape}
-
-    return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output]}
-
-
 def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 

@@ -97,7 +97,7 @@ def _calibrate(model: onnx.ModelProto, names: list[str], *, tokens: int, seed: i
     """Per-channel max |value| of each named tensor over one prefill of random token ids."""
     import onnxruntime as ort
 
-    from edgellama.export import folder
+    from edgellama import folder
 
     graph = model.graph
     vocab = next(t.dims[0] for t in graph.initializer

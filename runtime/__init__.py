@@ -1,4 +1,5 @@
-"""edgellama.runtime: ONNX Runtime sessions, generation, bench and parity.
+"""edgellama.runtime: the embeddable core: ONNX Runtime sessions, the KV-cache loop, generation,
+sampling and text streaming.
 
     from edgellama.runtime import Generator
     gen = Generator("out/smollm2", provider="auto")
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-# Loaded on first use, so that importing a light module of this package (tolerances, metrics)
-# from the CLI does not load ONNX Runtime.
+# Loaded on first use, so that importing a light module of this package (sampling) does not load
+# ONNX Runtime.
 _LAZY = {"Generator": "generator", "GenerationResult": "generator", "OrtModel": "session",
-         "SamplingParams": "sampling", "run_parity": "parity"}
+         "SamplingParams": "sampling"}
 
 __all__ = sorted(_LAZY)
 

@@ -78,7 +78,7 @@ class Generator:
     def tokenizer_or_none(self) -> Any:
         if self._tokenizer is None:
             try:
-                from edgellama.export.tokenizer import Tokenizer
+                from edgellama.tokenizer import Tokenizer
             except ImportError:
                 return None
             try:

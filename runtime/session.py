@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgellama.errors import ModelFolderError, ProviderError, RuntimeInputError
-from edgellama.export import folder as model_folder
+from edgellama import contract
+from edgellama import folder as model_folder
 from edgellama.export.config import LlamaConfig
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -122,7 +123,7 @@ class OrtModel:
         else:
             self.manifest = model_folder.read_manifest(self.folder)
         try:
-            self.config = LlamaConfig.from_dict(self.manifest["config"])
+            self.config = LlamaConfig.from_dict(self.manifest.config)
         except (KeyError, TypeError) as e:
             raise ModelFolderError(f"{self.folder}: the manifest has no usable config ({e})") from None
         # Reads model.onnx without weights: refuses external data outside the folder, and is the
@@ -173,9 +174,9 @@ class OrtModel:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         n = self.config.num_hidden_layers
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
-        self.present_names = [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
-        want_in = ["input_ids", "attention_mask", "position_ids", *self.past_names]
+        self.past_names = contract.past_names(n)
+        self.present_names = contract.present_names(n)
+        want_in = contract.input_names(n)
         missing = [name for name in want_in if name not in inputs]
         missing += [name for name in ["logits", *self.present_names] if name not in outputs]
         if missing:
@@ -201,13 +202,13 @@ class OrtModel:
     @property
     def weight_bytes(self) -> int:
         """Bytes of model.onnx.data (what a decode step reads from memory, to first order)."""
-        rec = self.manifest.get("files", {}).get(model_folder.DATA) or {}
-        return int(rec.get("bytes") or 0)
+        return self.manifest.weight_bytes
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """The past of a first call: [k0, v0, k1, v1, ...], each [batch, kv_heads, 0, head_dim]."""
-        shape = (batch, self.config.num_key_value_heads, 0, self.config.head_dim)
-        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        c = self.config
+        return contract.empty_past(batch=batch, n_layers=c.num_hidden_layers, kv_heads=c.num_key_value_heads,
+                                   head_dim=c.head_dim, dtype=self.kv_dtype)
 
     # -- input checks -------------------------------------------------------------------------------
     def check_ids(self, input_ids: np.ndarray) -> None:
@@ -237,7 +238,7 @@ class OrtModel:
                                     f"position_ids {pos.shape}")
         self.check_ids(ids)
         self.check_positions(pos)
-        flat = _flatten(past)
+        flat = contract.flatten(past)
         if len(flat) != len(self.past_names):
             raise RuntimeInputError(f"expected {len(self.past_names)} past tensors, got {len(flat)}")
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -249,13 +250,6 @@ class OrtModel:
         out = self.session.run(self.output_names, feeds)
         n = 1 + len(self.present_names)
         return out[0], list(out[1:n]), dict(zip(self.output_names[n:], out[n:]))
-
-
-def _flatten(past: Sequence[Any]) -> list[Any]:
-    past = list(past)
-    if past and isinstance(past[0], (tuple, list)):
-        return [t for pair in past for t in pair]
-    return past
 
 
 def session_options(*, threads: int | None = None, strict: bool = False, optimization: str = "all",

@@ -1,10 +1,18 @@
-"""Suite-wide settings.
+"""Suite-wide settings and the helpers that tests in several folders share, each written once.
 
 torch runs the tests' tiny models one op at a time; with its default intra-op pool on a busy
 2-core machine each small matmul waited milliseconds on spinning threads (a 64-token greedy run
 took 20 s instead of under 1 s). One torch thread keeps the suite fast; ONNX Runtime sessions
 choose their own threads.
+
+tests/ is a package, so a test imports these by name: `from tests.conftest import random_llama`.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
 
 
 def pytest_configure(config):
@@ -14,3 +22,174 @@ def pytest_configure(config):
         return
     torch.set_num_threads(1)
 
+
+# -- models ------------------------------------------------------------------------------------
+def random_llama(seed: int = 0, *, layers: int | None = None, **overrides):
+    """A tiny torch Llama with weights large enough that logits are far from uniform and norms
+    are not 1 (normal(0, 0.15) everywhere, +1 on the norm scales)."""
+    import torch
+
+    from edgellama.export import config as C
+    from edgellama.export import model as M
+
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
+    torch.manual_seed(seed)
+    model = M.Llama(C.tiny(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.15)
+            if name.endswith("norm.weight"):
+                p.add_(1.0)
+    return model
+
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def left_padded_batch(vocab: int, lengths: tuple[int, ...] = (9, 5), seed: int = 1):
+    """(ids, mask) torch int64 [B, max(lengths)]: random ids in [3, vocab), each row left-padded
+    with id 0 to the longest."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+
+# -- a bare onnxruntime loop -------------------------------------------------------------------
+def ort_session(ir_model, folder: Path, *, threads: int = 2, providers=("CPUExecutionProvider",),
+                 provider_options=None):
+    """Save `ir_model` into `folder` as a model folder's model files and open it on a bare session."""
+    import onnxruntime as ort
+
+    from edgellama import folder as F
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    F.save_model(ir_model, folder)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 4   # tests that provoke kernel errors would also have ORT log them
+    return ort.InferenceSession(str(folder / F.MODEL), opts, providers=list(providers),
+                                provider_options=provider_options)
+
+
+class OrtLoop:
+    """Prefill + decode with a bare onnxruntime session over the graph contract (an export checked
+    without the runtime layer). Past and present are lists of (key, value) pairs."""
+
+    def __init__(self, sess, cfg, dtype: str = "fp32"):
+        self.sess, self.cfg = sess, cfg
+        self.dtype = {"fp32": np.float32, "fp16": np.float16}[dtype]
+        self.outputs = [o.name for o in sess.get_outputs()]
+
+    def step(self, ids, mask, past):
+        from edgellama.contract import positions_from_mask
+
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask, ids.shape[1])}
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+        out = self.sess.run(self.outputs, feed)
+        return out[0], list(zip(out[1::2], out[2::2]))
+
+    def empty(self, batch):
+        shape = (batch, self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
+        return [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))] * self.cfg.num_hidden_layers
+
+
+
+
+# -- comparisons -------------------------------------------------------------------------------
+def teacher_forced(model, loop, ids, mask, steps: int) -> float:
+    """Torch blocks and an OrtLoop consume the same tokens (torch's greedy choices) for a prefill and
+    `steps` decode steps; returns the worst logits difference over real (unpadded) positions."""
+    import torch
+
+    from edgellama.export import model as M
+
+    worst = 0.0
+    t_past, o_past = model.empty_cache(ids.shape[0]), loop.empty(ids.shape[0])
+    cur, m = ids, mask
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            tl, t_past = model(cur, m, M.positions_from_mask(m, cur.shape[1]), t_past)
+            ol, o_past = loop.step(cur.numpy(), m.numpy(), o_past)
+            valid = m[:, -cur.shape[1]:].bool().numpy()
+            worst = max(worst, float(np.abs(ol - tl.float().numpy())[valid].max()))
+            cur = tl[:, -1].argmax(-1, keepdim=True)
+            m = torch.cat((m, torch.ones_like(cur)), dim=1)
+    return worst
+
+
+# -- a hand-built toy folder ---------------------------------------------------------------------
+# A contract-following graph of standard ONNX ops only, independent of the exporter:
+# logits = (embed(ids) + masked sum of all cached keys) @ W.
+VOCAB, HIDDEN, LAYERS = 11, 4, 2
+
+
+def build_toy(folder: Path, *, seed: int = 0) -> Path:
+    """A contract-following model folder: 2 layers, 1 KV head of size HIDDEN, vocab 11."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgellama import folder as folder_mod
+    from edgellama.export import config as C
+
+    rng = np.random.default_rng(seed)
+    emb = numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "embed")
+    w = numpy_helper.from_array(rng.standard_normal((HIDDEN, VOCAB)).astype(np.float32), "lm_head")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axis1")
+    axes3 = numpy_helper.from_array(np.array([1, 3], np.int64), "axes13")
+    sum_axes = numpy_helper.from_array(np.array([1, 2], np.int64), "axes12")
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", f, ["batch", "sequence", VOCAB])]
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x"], name="embed/Gather"),
+             helper.make_node("Unsqueeze", ["x", "axis1"], ["k"], name="k/Unsqueeze"),
+             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=f, name="mask/Cast"),
+             helper.make_node("Unsqueeze", ["maskf", "axes13"], ["mask4"], name="mask/Unsqueeze")]
+    acc = "x"
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f,
+                                                        ["batch", 1, "past_sequence", HIDDEN]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f,
+                                                         ["batch", 1, "total_sequence", HIDDEN]))
+            nodes.append(helper.make_node("Concat", [f"past_key_values.{i}.{kind}", "k"], [f"present.{i}.{kind}"],
+                                          axis=2, name=f"layers.{i}.{kind}/Concat"))
+        nodes += [helper.make_node("Mul", [f"present.{i}.key", "mask4"], [f"m{i}"], name=f"layers.{i}/Mul"),
+                  helper.make_node("ReduceSum", [f"m{i}", "axes12"], [f"r{i}"], keepdims=0, name=f"layers.{i}/ReduceSum"),
+                  helper.make_node("Unsqueeze", [f"r{i}", "axis1"], [f"s{i}"], name=f"layers.{i}/Unsqueeze"),
+                  helper.make_node("Add", [acc, f"s{i}"], [f"h{i}"], name=f"layers.{i}/Add")]
+        acc = f"h{i}"
+    nodes.append(helper.make_node("MatMul", [acc, "lm_head"], ["logits"], name="lm_head/MatMul"))
+    graph = helper.make_graph(nodes, "toy", inputs, outputs, [emb, w, axes, axes3, sum_axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / folder_mod.MODEL, save_as_external_data=True, location=folder_mod.DATA, size_threshold=64)
+    cfg = C.tiny(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=8, num_hidden_layers=LAYERS,
+                 num_attention_heads=1, num_key_value_heads=1, head_dim=HIDDEN, max_position_embeddings=32,
+                 eos_token_id=2)
+    folder_mod.write_manifest(folder, folder_mod.Manifest(source={"name": "toy"}, config=cfg.to_dict()))
+    return folder
+
+
+def toy_reference(ids: np.ndarray, mask: np.ndarray, folder: Path) -> np.ndarray:
+    """The toy's logits in numpy for a full (no-past) call."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgellama import folder as folder_mod
+
+    model = onnx.load(folder / folder_mod.MODEL)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = init["embed"][ids]
+    s = (x * mask[:, :, None]).sum(axis=1, keepdims=True)
+    return (x + LAYERS * s) @ init["lm_head"]

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgellama.errors import EdgellamaError
-    from edgellama.runtime import bench
+    from edgellama.check import bench
     from edgellama.runtime.session import resolve_provider
 
     against = [a.strip() for a in args.against.split(",") if a.strip()]
@@ -88,12 +88,11 @@ def run(args: argparse.Namespace) -> int:
 def _genai_builder_output(args, bench, precision: str, provider: str, tmp: Path, say) -> Path:
     """onnxruntime-genai's builder export of the folder's source at `precision`, kept in --genai-dir."""
     from edgellama.errors import EdgellamaError
-    from edgellama.export import folder as model_folder
+    from edgellama import folder as model_folder
 
     if precision not in ("fp32", "fp16", "int8", "int4"):
         raise EdgellamaError(f"onnxruntime-genai's builder has no {precision} precision to compare with")
-    manifest = model_folder.read_manifest(args.model)
-    spec = bench.source_spec(manifest)
+    spec = model_folder.read_manifest(args.model).source_spec
     base = args.genai_dir or tmp
     out = Path(base) / f"{Path(spec).name}-{precision}-{provider}"
     if (out / "genai_config.json").is_file():

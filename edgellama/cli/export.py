@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         import tempfile
 
-        from edgellama.export.folder import check_output
+        from edgellama.folder import check_output
         from edgellama.quant.api import check_request, quantize_folder
 
         check_output(args.output, force=args.force)

@@ -27,12 +27,12 @@ def summarize(path: Path) -> dict[str, Any]:
     """The facts `inspect` prints, as a dict (also used by tests and bench scripts)."""
     import onnx
 
-    from edgellama.export import folder as model_folder
+    from edgellama import folder as model_folder
 
     path = Path(path)
     manifest = None
     if path.is_dir():
-        manifest = model_folder.read_manifest(path)
+        manifest = model_folder.read_manifest(path).to_dict()
         model = model_folder.load_model_proto(path, with_weights=False)
         root = path
     elif path.is_file():
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     m = s["manifest"]
     if m:
         src = m.get("source", {})
-        quant = ", ".join(q.get("mode", str(q)) for q in m.get("quantization", [])) or "none"
+        quant = ", ".join(str(q.get("pass") or q.get("mode") or q) for q in m.get("quantization", [])) or "none"
         out.append(f"manifest: source {src.get('kind')}:{src.get('name')} (sha256 {str(src.get('sha256'))[:12]}), "
                    f"target {m.get('target')}, dtype {m.get('dtype')}, quantization {quant}, opset {m.get('opset')}")
         cfg = m.get("config", {})

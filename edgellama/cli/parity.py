@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgellama.runtime.parity_tolerances import PRECISIONS
+from edgellama.check.parity_tolerances import PRECISIONS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgellama.runtime import parity, parity_report
-    from edgellama.runtime.parity_tolerances import parse_overrides
+    from edgellama.check import parity, parity_report
+    from edgellama.check.parity_tolerances import parse_overrides
 
     overrides = parse_overrides(args.tolerance)
     prompts = parity.read_prompts(args.prompts) if args.prompts else None

@@ -1,0 +1,321 @@
+"""Decode speed side by side: edgellama's Generator, transformers eager, onnxruntime-genai.
+
+Every runner answers one question the same way: given a prompt of P token ids, how long does the
+prefill take (the prompt's forward pass plus the first token) and how many tokens per second do
+the next N-1 steps make (greedy, no early stop). Runners take turns (interleaved runs, after one
+warm-up each), so a slow patch of the machine hits all of them; the table shows medians.
+
+The memory-bandwidth limit of a decode step: each new token reads every weight once, so
+tokens/s <= bandwidth / weight bytes. Bandwidth is measured here with a large numpy copy
+(read + write bytes over time, the best of a few), so the fraction is relative to what this
+machine streams, not to a datasheet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgellama.errors import EdgellamaError, RuntimeInputError
+
+AGAINST = ("torch", "genai", "genai-folder")
+
+
+@dataclasses.dataclass
+class Timing:
+    prefill_ms: float
+    decode_tokens_per_s: float
+    tokens: list[int]
+
+
+@dataclasses.dataclass
+class Row:
+    """One runner's medians, with the bandwidth bound of its weights."""
+
+    name: str
+    precision: str
+    weight_bytes: int
+    prefill_ms: float
+    decode_tokens_per_s: float
+    runs: int
+    bound_tokens_per_s: float = 0.0
+    fraction_of_bound: float = 0.0
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- memory bandwidth ---------------------------------------------------------------------------------
+def measure_bandwidth(*, megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second one core streams: a numpy copy of `megabytes` MB, read + write, best of `repeats`."""
+    n = megabytes * (1 << 20) // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)     # first touch: page faults are not bandwidth
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best
+
+
+# -- runners --------------------------------------------------------------------------------------------
+class Runner:
+    name = "runner"
+    precision = "fp32"
+    weight_bytes = 0
+    note = ""
+
+    def run(self, prompt: list[int], new_tokens: int) -> Timing:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class OursRunner(Runner):
+    """edgellama's Generator on an exported folder."""
+
+    def __init__(self, folder: Path, *, provider: str = "cpu", threads: int | None = None, loop: str | None = None,
+                 name: str | None = None):
+        from edgellama.runtime.generator import Generator
+
+        self.gen = Generator(folder, provider=provider, threads=threads, loop=loop)
+        m = self.gen.model
+        self.name = name or f"edgellama ({m.manifest.target}, {self.gen.loop_mode})"
+        self.precision = m.manifest.precision
+        self.weight_bytes = m.weight_bytes
+
+    def run(self, prompt, new_tokens):
+        r = self.gen.generate_ids(prompt, max_new_tokens=new_tokens, stop=False)[0]
+        return Timing(r.prefill_ms, r.decode_tokens_per_s, r.token_ids)
+
+
+class TorchRunner(Runner):
+    """transformers' LlamaForCausalLM, eager attention, fp32, the folder's source weights.
+
+    A hand-written greedy loop over `past_key_values` (what `generate` does inside), so the
+    prefill and the decode steps are timed apart exactly as for the other runners.
+    """
+
+    name = "transformers eager"
+
+    def __init__(self, folder: Path, *, threads: int | None = None, model: Any = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = model if model is not None else transformers_model(folder)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def run(self, prompt, new_tokens):
+        torch = self.torch
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = self.model(input_ids=ids, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            prefill = time.perf_counter() - t
+            tokens = [int(tok)]
+            past = out.past_key_values
+            t = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                out = self.model(input_ids=tok, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(tok))
+            decode = time.perf_counter() - t
+        return Timing(prefill * 1e3, (new_tokens - 1) / decode if decode > 0 else 0.0, tokens)
+
+
+def transformers_model(folder: Path) -> Any:
+    """transformers' LlamaForCausalLM holding the same weights as the folder's source (eager, fp32)."""
+    import torch
+    import transformers
+
+    from edgellama import folder as model_folder
+    from edgellama.export.sources import load_model
+
+    ours, _, _ = load_model(model_folder.read_manifest(folder).source_spec)
+    cfg = transformers.LlamaConfig(**ours.config.to_hf())
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.config._attn_implementation = "eager"
+    missing, unexpected = hf.load_state_dict({k: v.float() for k, v in ours.state_dict().items()}, strict=False)
+    if [k for k in missing if "rotary" not in k] or unexpected:
+        raise EdgellamaError(f"weights do not map onto transformers' Llama (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    del ours
+    return hf.to(torch.float32)
+
+
+def _genai():
+    try:
+        import onnxruntime  # noqa: F401  # onnxruntime-genai finds the ONNX Runtime library already loaded
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise EdgellamaError(f"onnxruntime-genai is not installed ({e}); pip install onnxruntime-genai") from None
+    return og
+
+
+class GenaiRunner(Runner):
+    """onnxruntime-genai's `Generator` on a folder with genai_config.json (ours, or its builder's output)."""
+
+    def __init__(self, folder: Path, *, name: str, precision: str, provider: str = "cpu",
+                 threads: int | None = None):
+        og = _genai()
+        self.og = og
+        config = og.Config(str(folder))
+        config.clear_providers()
+        if provider == "cuda":
+            config.append_provider("cuda")
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+        self.name, self.precision = name, precision
+        self.weight_bytes = sum(p.stat().st_size for p in Path(folder).iterdir()
+                                if p.name.endswith((".onnx", ".onnx.data", ".data")))
+
+    def run(self, prompt, new_tokens):
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        n = len(prompt) + new_tokens
+        params.set_search_options(do_sample=False, max_length=n, min_length=n)
+        gen = og.Generator(self.model, params)
+        t = time.perf_counter()
+        gen.append_tokens(np.asarray([prompt], dtype=np.int32))   # the prompt's forward pass
+        gen.generate_next_token()                                  # the first token, from those logits
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            gen.generate_next_token()
+        decode = time.perf_counter() - t
+        tokens = [int(x) for x in gen.get_sequence(0)[len(prompt):]]
+        return Timing(prefill * 1e3, (new_tokens - 1) / decode if decode > 0 else 0.0, tokens)
+
+
+def genai_greedy(folder: Path, prompt: Sequence[int], new_tokens: int, *, provider: str = "cpu") -> list[int]:
+    """onnxruntime-genai's greedy tokens on a folder, stopping at its end-of-sequence ids as genai does.
+
+    No `min_length` here: genai enforces it by masking the end-of-sequence logits, which turns a real
+    end of answer into the second-best token, so the sequence would no longer be greedy."""
+    runner = GenaiRunner(Path(folder), name="genai", precision="?", provider=provider)
+    og = runner.og
+    params = og.GeneratorParams(runner.model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    gen = og.Generator(runner.model, params)
+    gen.append_tokens(np.asarray([list(prompt)], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(x) for x in gen.get_sequence(0)[len(prompt):]]
+
+
+def genai_eos_ids(folder: Path) -> set[int]:
+    """The end-of-sequence ids genai stops on, from the folder's genai_config.json."""
+    eos = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["eos_token_id"]
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def build_genai_model(hf_folder: Path, out: Path, *, precision: str, provider: str = "cpu") -> Path:
+    """onnxruntime-genai's own export of the same checkpoint (its model builder), cached in `out`."""
+    if (out / "genai_config.json").is_file():
+        return out
+    _genai()
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
+           "-p", precision, "-e", provider, "-c", str(out.parent / ".builder-cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode or not (out / "genai_config.json").is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise EdgellamaError(f"onnxruntime-genai's model builder failed: {tail[0]}")
+    return out
+
+
+# -- the benchmark --------------------------------------------------------------------------------------
+def bench_prompt(vocab_size: int, n: int, *, seed: int = 0) -> list[int]:
+    """A fixed prompt of `n` ordinary token ids (speed does not depend on the words)."""
+    if n < 1:
+        raise RuntimeInputError(f"--prompt-tokens must be at least 1, got {n}")
+    lo = min(100, vocab_size - 1)
+    return np.random.default_rng(seed).integers(lo, vocab_size, size=n).tolist()
+
+
+def run_bench(runners: Sequence[Runner], *, prompt: list[int], new_tokens: int, runs: int = 3,
+              bandwidth: float | None = None, progress: Callable[[str], None] | None = None) -> list[Row]:
+    """Warm every runner up once, then `runs` interleaved rounds; one Row of medians per runner."""
+    if new_tokens < 2:
+        raise RuntimeInputError(f"--new-tokens must be at least 2 (decode speed needs steps), got {new_tokens}")
+    if runs < 1:
+        raise RuntimeInputError(f"--runs must be at least 1, got {runs}")
+    say = progress or (lambda s: None)
+    timings: dict[int, list[Timing]] = {i: [] for i in range(len(runners))}
+    for r in runners:
+        say(f"warm-up: {r.name}")
+        r.run(prompt, min(new_tokens, 8))
+    for k in range(runs):
+        for i, r in enumerate(runners):
+            timings[i].append(r.run(prompt, new_tokens))
+            say(f"run {k + 1}/{runs}: {r.name}: {timings[i][-1].decode_tokens_per_s:.1f} tok/s")
+    rows = []
+    for i, r in enumerate(runners):
+        ts = timings[i]
+        row = Row(name=r.name, precision=r.precision, weight_bytes=r.weight_bytes, runs=len(ts),
+                  prefill_ms=statistics.median(t.prefill_ms for t in ts),
+                  decode_tokens_per_s=statistics.median(t.decode_tokens_per_s for t in ts),
+                  tokens=ts[-1].tokens, note=r.note)
+        if bandwidth and r.weight_bytes:
+            row.bound_tokens_per_s = bandwidth / r.weight_bytes
+            row.fraction_of_bound = row.decode_tokens_per_s / row.bound_tokens_per_s
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[Row], *, bandwidth: float | None = None) -> str:
+    head = ("runner", "precision", "weights MB", "prefill ms", "decode tok/s", "bound tok/s", "of bound")
+    body = [(r.name, r.precision, f"{r.weight_bytes / 1e6:.0f}", f"{r.prefill_ms:.1f}",
+             f"{r.decode_tokens_per_s:.1f}", f"{r.bound_tokens_per_s:.0f}" if r.bound_tokens_per_s else "-",
+             f"{100 * r.fraction_of_bound:.0f}%" if r.fraction_of_bound else "-") for r in rows]
+    widths = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
+    lines = ["  ".join(str(v).ljust(w) if c < 2 else str(v).rjust(w) for c, (v, w) in enumerate(zip(line, widths)))
+             for line in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if bandwidth:
+        lines.append(f"memory bandwidth (numpy copy, read+write): {bandwidth / 1e9:.1f} GB/s; "
+                     "bound = bandwidth / weight bytes (every weight read once per token)")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path) -> Path:
+    """A bar chart of decode tokens/s, the bandwidth bound drawn over each bar (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgellamaError("--plot needs matplotlib (pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    x = np.arange(len(rows))
+    ax.bar(x, [r.decode_tokens_per_s for r in rows], color="tab:blue", label="decode tokens/s (median)")
+    bounds = [r.bound_tokens_per_s for r in rows]
+    if any(bounds):
+        ax.scatter(x, bounds, marker="_", s=900, color="tab:red", label="memory-bandwidth bound")
+    ax.set_xticks(x, [f"{r.name}\n{r.precision}" for r in rows], fontsize=8)
+    ax.set_ylabel("tokens / s")
+    # Headroom above the tallest mark, so that the legend never sits on a bound.
+    top = max([r.decode_tokens_per_s for r in rows] + [b for b in bounds if b])
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,235 @@
+"""The two sides of a parity check behind one interface, with per-block probes for localization.
+
+A side runs one decoder step on numpy arrays:
+    forward(input_ids, attention_mask, position_ids, past) -> (logits [B,S,V] f32, present, probes)
+where `past`/`present` is a list of (key, value) arrays [B, H_kv, T, D] per layer and `probes` maps
+a probe key (see PROBES) to that block's output [B, S, F] when the side was opened with probes.
+
+`TorchSide` runs the fp32 torch blocks (export/model.py); `OrtSide` an exported folder through
+`runtime/session.py`'s OrtModel. Torch is imported only by the torch side.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Per-layer blocks in execution order: (key, op kind shown to users, torch module path under the layer).
+LAYER_PROBES = (
+    ("input_layernorm", "RMSNorm", "input_layernorm"),
+    ("q_rotary", "RotaryEmbedding", "self_attn"),
+    ("k_rotary", "RotaryEmbedding", "self_attn"),
+    ("attention", "GroupQueryAttention", "self_attn"),
+    ("o_proj", "MatMul", "self_attn.o_proj"),
+    ("post_attention_layernorm", "RMSNorm", "post_attention_layernorm"),
+    ("mlp", "MatMul", "mlp.down_proj"),
+)
+FINAL_PROBES = (("norm", "RMSNorm", "norm"),)
+
+
+def probe_keys(n_layers: int) -> list[tuple[str, int | None, str, str]]:
+    """Every probe in execution order as (key, layer or None, block, op kind)."""
+    out = [(f"layers.{i}.{block}", i, block, op) for i in range(n_layers) for block, op, _ in LAYER_PROBES]
+    return out + [(block, None, block, op) for block, op, _ in FINAL_PROBES]
+
+
+# -- torch ---------------------------------------------------------------------------------------
+class TorchSide:
+    """The fp32 torch blocks; probes come from forward hooks plus the reference ops of export/ops.py."""
+
+    kind = "torch"
+
+    def __init__(self, model: Any, *, label: str = "torch"):
+        import torch
+
+        self.torch = torch
+        self.model = model.float().eval()
+        self.config = model.config
+        self.label = label
+        self.probe_names = {k: self._module_path(k) for k, *_ in probe_keys(self.config.num_hidden_layers)}
+
+    @staticmethod
+    def _module_path(key: str) -> str:
+        if key.startswith("layers."):
+            _, i, block = key.split(".", 2)
+            path = dict((b, p) for b, _, p in LAYER_PROBES)[block]
+            return f"model.layers.{i}.{path}"
+        return f"model.{key}"
+
+    def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        c = self.config
+        shape = (batch, c.num_key_value_heads, 0, c.head_dim)
+        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(c.num_hidden_layers)]
+
+    def forward(self, input_ids, attention_mask, position_ids, past, *, probes: bool = False):
+        torch = self.torch
+        t = torch.from_numpy
+        captured: dict[str, np.ndarray] = {}
+        handles = self._hooks(captured) if probes else []
+        try:
+            with torch.no_grad():
+                logits, present = self.model(
+                    t(np.ascontiguousarray(input_ids)), t(np.ascontiguousarray(attention_mask)),
+                    t(np.ascontiguousarray(position_ids)),
+                    [(t(np.ascontiguousarray(k, dtype=np.float32)), t(np.ascontiguousarray(v, dtype=np.float32)))
+                     for k, v in past])
+        finally:
+            for h in handles:
+                h.remove()
+        return (logits.float().numpy(), [(k.numpy(), v.numpy()) for k, v in present], captured)
+
+    def _hooks(self, captured: dict[str, np.ndarray]) -> list[Any]:
+        from edgellama.export import ops
+
+        def keep(key):
+            def hook(module, args, output):
+                captured[key] = (output[0] if isinstance(output, tuple) else output).detach().float().numpy()
+            return hook
+
+        def attention(i):
+            # RoPE and GQA are custom-op calls inside Attention.forward, not modules: recompute them
+            # from the hooked inputs with the reference functions the custom ops run (same numbers).
+            def hook(module, args, output):
+                x, pos, cos, sin, past_k, past_v, mask = args
+                q = ops.rotary_ref(module.q_proj(x), pos, cos, sin, module.n_heads)
+                k = ops.rotary_ref(module.k_proj(x), pos, cos, sin, module.n_kv_heads)
+                out = ops.gqa_ref(q, k, module.v_proj(x), past_k, past_v, mask, module.n_heads,
+                                  module.n_kv_heads, module.scale)[0]
+                captured[f"layers.{i}.q_rotary"] = q.float().numpy()
+                captured[f"layers.{i}.k_rotary"] = k.float().numpy()
+                captured[f"layers.{i}.attention"] = out.float().numpy()
+            return hook
+
+        handles = []
+        for i, layer in enumerate(self.model.model.layers):
+            handles.append(layer.input_layernorm.register_forward_hook(keep(f"layers.{i}.input_layernorm")))
+            handles.append(layer.self_attn.register_forward_hook(attention(i)))
+            handles.append(layer.self_attn.o_proj.register_forward_hook(keep(f"layers.{i}.o_proj")))
+            handles.append(layer.post_attention_layernorm.register_forward_hook(
+                keep(f"layers.{i}.post_attention_layernorm")))
+            handles.append(layer.mlp.register_forward_hook(keep(f"layers.{i}.mlp")))
+        handles.append(self.model.model.norm.register_forward_hook(keep("norm")))
+        return handles
+
+
+# -- ONNX Runtime ------------------------------------------------------------------------------------
+_NORM_OPS = {"RMSNorm", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization",
+             "LayerNormalization", "SkipLayerNormalization"}
+_ROPE_OPS = {"RotaryEmbedding"}
+_ATTN_OPS = {"GroupQueryAttention", "Attention", "MultiHeadAttention"}
+
+
+def _module_of(node_name: str) -> str:
+    """`model.layers.3.self_attn/RotaryEmbedding_1` -> `model.layers.3.self_attn`."""
+    return node_name.split("/", 1)[0] if "/" in node_name else ""
+
+
+def find_probe_values(graph: Any, n_layers: int) -> dict[str, tuple[str, str]]:
+    """Probe key -> (value name, node name) in an exported graph (onnx GraphProto).
+
+    Nodes are found by the torch module path the exporter names them after (layer index + block)
+    and by op kind, not by exact name, so lowered (`ort`, `onnx23`) and quantized graphs, whose
+    passes replace ops but keep the module path, still map. RoPE q/k are told apart by which input
+    of the layer's attention node they feed (query is input 0, key input 1), falling back to order.
+    A probe without a match is left out (e.g. RoPE fused into ORT's GroupQueryAttention).
+    """
+    by_module: dict[str, list[Any]] = {}
+    for node in graph.node:
+        by_module.setdefault(_module_of(node.name), []).append(node)
+    out: dict[str, tuple[str, str]] = {}
+
+    def last(module: str, ops: set[str] | None = None):
+        nodes = [n for n in by_module.get(module, []) if ops is None or n.op_type in ops]
+        return nodes[-1] if nodes else None
+
+    def put(key, node, index=0):
+        if node is not None and len(node.output) > index and node.output[index]:
+            out[key] = (node.output[index], node.name)
+
+    for i in range(n_layers):
+        base = f"model.layers.{i}"
+        put(f"layers.{i}.input_layernorm", last(f"{base}.input_layernorm", _NORM_OPS))
+        attn = last(f"{base}.self_attn", _ATTN_OPS)
+        ropes = [n for n in by_module.get(f"{base}.self_attn", []) if n.op_type in _ROPE_OPS]
+        q = k = None
+        if attn is not None:
+            q = next((n for n in ropes if attn.input and n.output[0] == attn.input[0]), None)
+            k = next((n for n in ropes if len(attn.input) > 1 and n.output[0] == attn.input[1]), None)
+        if (q is None or k is None) and len(ropes) == 2:
+            q, k = ropes
+        put(f"layers.{i}.q_rotary", q)
+        put(f"layers.{i}.k_rotary", k)
+        put(f"layers.{i}.attention", attn)
+        put(f"layers.{i}.o_proj", last(f"{base}.self_attn.o_proj"))
+        put(f"layers.{i}.post_attention_layernorm", last(f"{base}.post_attention_layernorm", _NORM_OPS))
+        put(f"layers.{i}.mlp", last(f"{base}.mlp.down_proj"))
+    put("norm", last("model.norm", _NORM_OPS))
+    return out
+
+
+class OrtSide:
+    """An exported model folder on one ONNX Runtime provider (runtime/session.py's OrtModel)."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, folder: Path, *, provider: str = "cpu", threads: int | None = None,
+                 label: str | None = None, verify: bool = True):
+        from edgellama.runtime.session import OrtModel
+
+        self.folder = Path(folder)
+        self.provider = provider
+        self.threads = threads
+        self.label = label or f"{self.folder.name} ({provider})"
+        self._model_cls = OrtModel
+        # run_parity verified the folder's hashes once already; the probe session reuses that.
+        self.model = OrtModel(self.folder, provider=provider, threads=threads, verify=verify)
+        self.manifest = self.model.manifest
+        self.config = self.model.config
+        self._probe_model = None
+        self.probe_names: dict[str, str] = {}
+        self._probe_values: dict[str, str] = {}
+
+    def empty_past(self, batch: int):
+        return [(np.asarray(k), np.asarray(v)) for k, v in _pairs(self.model.empty_past(batch))]
+
+    def _open_probes(self) -> None:
+        from edgellama import folder as model_folder
+
+        proto = model_folder.load_model_proto(self.folder, with_weights=False)
+        found = find_probe_values(proto.graph, self.config.num_hidden_layers)
+        self._probe_values = {k: v for k, (v, _) in found.items()}
+        self.probe_names = {k: n for k, (_, n) in found.items()}
+        self._probe_model = self._model_cls(self.folder, provider=self.provider, threads=self.threads, verify=False,
+                                            extra_outputs=sorted(set(self._probe_values.values())))
+
+    def forward(self, input_ids, attention_mask, position_ids, past, *, probes: bool = False):
+        if probes and self._probe_model is None:
+            self._open_probes()
+        model = self._probe_model if probes else self.model
+        dtype = self.model.kv_dtype
+        past = [(np.ascontiguousarray(k, dtype=dtype), np.ascontiguousarray(v, dtype=dtype)) for k, v in past]
+        logits, present, extra = model.forward(np.ascontiguousarray(input_ids, dtype=np.int64),
+                                               np.ascontiguousarray(attention_mask, dtype=np.int64),
+                                               np.ascontiguousarray(position_ids, dtype=np.int64), past)
+        captured = {}
+        if probes:
+            for key, value in self._probe_values.items():
+                if value in (extra or {}):
+                    captured[key] = np.asarray(extra[value], dtype=np.float32)
+        return np.asarray(logits, dtype=np.float32), [(np.asarray(k), np.asarray(v)) for k, v in _pairs(present)], captured
+
+
+def _pairs(past: Any) -> list[tuple[Any, Any]]:
+    """Accept a list of (key, value) pairs or a flat list [k0, v0, k1, v1, ...] or a name -> array dict."""
+    if isinstance(past, dict):
+        layers = sorted({int(m.group(1)) for name in past if (m := re.search(r"\.(\d+)\.", name))})
+        def get(i, kind):
+            return next(v for n, v in past.items() if f".{i}.{kind}" in n)
+        return [(get(i, "key"), get(i, "value")) for i in layers]
+    past = list(past)
+    if past and not isinstance(past[0], (tuple, list)):
+        return list(zip(past[0::2], past[1::2]))
+    return [tuple(p) for p in past]

@@ -1,0 +1,382 @@
+"""The model folder: written atomically, described by a typed manifest, checked before it is trusted.
+
+A folder holds `model.onnx` with its weights in `model.onnx.data` (always external: one rule for
+every size, and the 2 GB protobuf limit never matters), the tokenizer files, `edgellama.json`
+(the manifest, read into `Manifest`) and `genai_config.json` (so onnxruntime-genai loads the
+folder as is).
+
+Writers stage everything in a hidden temp folder beside OUT and rename it into place last, so an
+interrupted export or quantization never leaves a folder that looks complete, and an existing
+OUT is only replaced (with `force`) once the new one is whole.
+
+This is the one home of: the folder's file names, the manifest (typed), staged writing,
+verification, the sha256 of a file, and the external-data containment check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgellama.errors import ModelFolderError
+
+MODEL = "model.onnx"
+DATA = "model.onnx.data"
+MANIFEST = "edgellama.json"
+GENAI_CONFIG = "genai_config.json"
+FORMAT_VERSION = 1
+TARGETS = ("portable", "ort", "onnx23")
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass
+class Manifest:
+    """edgellama.json, typed. `config` stays the plain dict that `LlamaConfig.from_dict` reads
+    (the base package does not know the model's config class)."""
+
+    config: dict[str, Any]
+    target: str = "portable"
+    dtype: str = "fp32"
+    provider: str = "cpu"
+    opset: int = 23
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantization: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    io: dict[str, Any] = dataclasses.field(default_factory=dict)
+    packages: dict[str, str] = dataclasses.field(default_factory=dict)
+    quantized_from: dict[str, Any] | None = None
+    files: dict[str, FileRecord] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # -- facts about the folder, each read here only ---------------------------------------------
+    @property
+    def quant_pass(self) -> str | None:
+        """The quantization pass applied ('int8', 'int4', ...), or None for a plain export.
+        quant/ records it under "pass"; "mode" is accepted from hand-written manifests."""
+        for q in self.quantization:
+            name = (q.get("pass") or q.get("mode")) if isinstance(q, dict) else q
+            if name:
+                return str(name).lower()
+        return None
+
+    @property
+    def precision(self) -> str:
+        """The precision the folder runs at: fp32 / fp16, or the quantization applied (int8,
+        int8-dynamic, int4). The lowest wins: an fp32 export quantized to int4 is int4."""
+        modes = [str((q.get("pass") or q.get("mode") or "") if isinstance(q, dict) else q).lower()
+                 for q in self.quantization]
+        if any("int4" in m or "4bit" in m for m in modes):
+            return "int4"
+        if any("int8-dynamic" in m or "w8a8" in m for m in modes):
+            return "int8-dynamic"
+        if any("int8" in m for m in modes):
+            return "int8"
+        if any("fp16" in m or "float16" in m for m in modes):
+            return "fp16"
+        return "fp16" if str(self.dtype or "fp32").lower() in ("fp16", "float16") else "fp32"
+
+    @property
+    def source_spec(self) -> str:
+        """What export's `load_model` needs to load the folder's source again (a path, `smollm2`, `tiny`)."""
+        src = self.source
+        if src.get("spec"):
+            return str(src["spec"])
+        if src.get("path") and src.get("kind") not in ("tiny", "smollm2"):
+            return str(src["path"])
+        if src.get("name"):
+            return str(src["name"])
+        raise ModelFolderError("the folder's manifest records no source; pass --reference OTHER_MODEL instead")
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's element type as the graph declares it ('float' or 'float16')."""
+        for v in self.io.get("inputs", []):
+            if isinstance(v, dict) and str(v.get("name", "")).startswith("past_key_values."):
+                return "float16" if str(v.get("dtype")) in ("float16", "fp16") else "float"
+        return "float16" if self.dtype == "fp16" else "float"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of model.onnx.data (what a decode step reads from memory, to first order)."""
+        rec = self.files.get(DATA)
+        return rec.bytes if rec else 0
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format_version": self.format_version}
+        for f in dataclasses.fields(self):
+            if f.name in ("format_version", "files"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "quantized_from" and value is None:
+                continue
+            out[f.name] = value
+        out["files"] = {name: dataclasses.asdict(rec) for name, rec in self.files.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = MANIFEST) -> "Manifest":
+        """Validate a parsed edgellama.json; ModelFolderError naming the first bad field."""
+        if not isinstance(data, dict):
+            raise ModelFolderError(f"{where} is corrupted: not a JSON object")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelFolderError(f"{where} has an unknown format (format_version {data.get('format_version')!r})")
+        kinds = {"config": dict, "target": str, "dtype": str, "provider": str, "opset": int, "source": dict,
+                 "quantization": list, "io": dict, "packages": dict, "quantized_from": (dict, type(None)),
+                 "files": dict}
+        for key, kind in kinds.items():
+            if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+                raise ModelFolderError(f"{where} is corrupted: '{key}' has the wrong type "
+                                       f"({type(data[key]).__name__})")
+        if "config" not in data:
+            raise ModelFolderError(f"{where} is corrupted: it has no 'config'")
+        files = {}
+        for name, rec in data.get("files", {}).items():
+            if (not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or isinstance(rec.get("bytes"), bool)
+                    or rec["bytes"] < 0 or not isinstance(rec.get("sha256"), str)):
+                raise ModelFolderError(f"{where} is corrupted: the record of {name!r} is not {{bytes, sha256}}")
+            files[name] = FileRecord(bytes=rec["bytes"], sha256=rec["sha256"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in known and k != "files"}
+        return cls(**fields, files=files)
+
+
+# -- writing ------------------------------------------------------------------------------------
+def check_output(out: Path, *, force: bool) -> None:
+    """Refuse an existing non-empty OUT unless `force`: called before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelFolderError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ModelFolderError(f"output folder {out} is not empty; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yield an empty temp folder beside `out`; on success it replaces `out` in one rename."""
+    out = Path(out).absolute()
+    check_output(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model: Any, folder: Path) -> None:
+    """Save an onnx_ir Model (or an onnx ModelProto) as model.onnx + model.onnx.data."""
+    import onnx
+    import onnx_ir as ir
+
+    folder = Path(folder)
+    for stale in (folder / MODEL, folder / DATA):
+        stale.unlink(missing_ok=True)
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    ir.save(model, folder / MODEL, external_data=DATA, size_threshold_bytes=0)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The one sha256 of a file in edgellama."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
+    """Write edgellama.json with the size and sha256 of every other file in the folder."""
+    folder = Path(folder)
+    files = {p.name: FileRecord(bytes=p.stat().st_size, sha256=sha256_file(p))
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = dataclasses.replace(manifest, files=files, format_version=FORMAT_VERSION)
+    (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, default=str) + "\n")
+    return manifest
+
+
+def copy_side_files(src: Path, dst: Path, manifest: Manifest) -> None:
+    """Copy every file the manifest lists except the model, its weights and the manifest itself
+    (tokenizer files, genai_config.json): what a folder-to-folder pass carries over unchanged."""
+    for name in manifest.files:
+        if name not in (MODEL, DATA, MANIFEST):
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("edgellama", "torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime-gpu", "onnxruntime",
+                 "transformers", "gguf"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def genai_config(config: Any, *, inputs: list[str], provider: str = "cpu") -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for this decoder (past and present kept separate)."""
+    eos = config.eos_token_ids
+    options = [] if provider == "cpu" else [{provider: {}}]
+    return {
+        "model": {
+            "bos_token_id": config.bos_token_id,
+            "context_length": config.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": options},
+                "filename": MODEL,
+                "head_size": config.head_dim,
+                "hidden_size": config.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    **({"position_ids": "position_ids"} if "position_ids" in inputs else {}),
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": config.num_key_value_heads,
+            },
+            "eos_token_id": eos if len(eos) != 1 else eos[0],
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0),
+            "type": "llama",
+            "vocab_size": config.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": config.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0,
+            "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_config(folder: Path, config: Any, *, inputs: list[str]) -> None:
+    (Path(folder) / GENAI_CONFIG).write_text(json.dumps(genai_config(config, inputs=inputs), indent=2) + "\n")
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of an edgellama folder, or ModelFolderError saying what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder} is not a model folder (no such directory)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} is not an edgellama model folder (no {MANIFEST})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelFolderError(f"{path} is corrupted: {e}") from None
+    return Manifest.from_dict(data, where=str(path))
+
+
+def verify_folder(folder: Path, *, hash_limit_bytes: int = 1 << 30) -> Manifest:
+    """Check the files the manifest lists: present, of the recorded size, and (below `hash_limit_bytes`)
+    of the recorded sha256. Returns the manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    root = folder.resolve()
+    for name, rec in manifest.files.items():
+        path = folder / name
+        target = path.resolve()
+        if Path(name).is_absolute() or target.parent != root:
+            raise ModelFolderError(f"{folder}: the manifest names {name!r}, which is not a file of the folder")
+        if not path.is_file():
+            raise ModelFolderError(f"{folder}: {name} is missing")
+        size = path.stat().st_size
+        if size != rec.bytes:
+            raise ModelFolderError(f"{folder}: {name} is corrupted ({size} bytes, manifest says {rec.bytes})")
+        if rec.bytes <= hash_limit_bytes and sha256_file(path) != rec.sha256:
+            raise ModelFolderError(f"{folder}: {name} is corrupted (sha256 differs from the manifest)")
+    return manifest
+
+
+def external_data_paths(model: Any) -> list[str]:
+    """Every external-data location named in a ModelProto (graph, subgraphs and functions)."""
+    import onnx
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            yield from node_tensors(node)
+
+    def node_tensors(node):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from tensors(attr.g)
+            for g in attr.graphs:
+                yield from tensors(g)
+
+    all_tensors = list(tensors(model.graph))
+    for fn in model.functions:
+        for node in fn.node:
+            all_tensors.extend(node_tensors(node))
+    return [e.value for t in all_tensors if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"]
+
+
+def check_external_data(model: Any, folder: Path) -> None:
+    """Refuse external data that points outside `folder`: a model file is untrusted input."""
+    root = Path(folder).resolve()
+    for loc in set(external_data_paths(model)):
+        target = (root / loc).resolve()
+        if Path(loc).is_absolute() or (target != root and root not in target.parents):
+            raise ModelFolderError(f"{folder}: external data location {loc!r} points outside the model folder")
+
+
+def load_model_proto(folder: Path, *, with_weights: bool = True) -> Any:
+    """Load model.onnx after checking that its external data stays inside the folder."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    folder = Path(folder)
+    path = folder / MODEL
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: {MODEL} is missing")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types for garbage
+        raise ModelFolderError(f"{path} is corrupted: {e}") from None
+    check_external_data(model, folder)
+    if with_weights:
+        load_external_data_for_model(model, str(folder))
+    return model
+
+
+def load_model_ir(folder: Path) -> Any:
+    """model.onnx as an onnx_ir Model, weights left lazy in model.onnx.data (checked to stay inside)."""
+    import onnx_ir as ir
+
+    proto = load_model_proto(folder, with_weights=False)
+    return ir.serde.deserialize_model(proto, base_path=str(Path(folder)))

@@ -1,0 +1,56 @@
+"""onnxruntime-genai loads our exported folders as they are (genai_config.json) and its greedy tokens
+equal our Generator's: the folder is a drop-in model for genai, and our loop agrees with genai's."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.genai
+
+pytest.importorskip("onnxruntime_genai")
+
+from edgellama.check import bench  # noqa: E402
+from edgellama.runtime.generator import Generator  # noqa: E402
+
+
+def _until_eos(tokens, eos):
+    """The tokens before the first end-of-sequence id: genai stops there and leaves it out."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return list(tokens[:i])
+    return list(tokens)
+
+
+def _export(source, out, target="portable"):
+    from edgellama.export.onnx_export import export_model
+
+    return export_model(source, out, target=target, force=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    import torch
+
+    torch.manual_seed(0)
+    return _export("tiny", tmp_path_factory.mktemp("genai") / "tiny")
+
+
+def test_genai_greedy_equals_ours_on_tiny(tiny):
+    ours = Generator(tiny, provider="cpu")
+    prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
+    mine = ours.generate_ids(prompt, max_new_tokens=16, stop=False)[0].token_ids
+    assert bench.genai_greedy(tiny, prompt, 16) == _until_eos(mine, bench.genai_eos_ids(tiny))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_genai_greedy_equals_ours_on_smollm2(tmp_path_factory, target):
+    folder = _export("smollm2", tmp_path_factory.mktemp("genai") / f"smollm2-{target}", target=target)
+    ours = Generator(folder, provider="cpu")
+    prompt = ours.encode("What is the capital of France?", chat=True)
+    mine = ours.generate_ids(prompt, max_new_tokens=24, stop=False)[0].token_ids
+    theirs = bench.genai_greedy(folder, prompt, 24)
+    assert theirs == _until_eos(mine, bench.genai_eos_ids(folder))
+    # Both ended the answer before the token limit (the end-of-sequence handling agrees), and it is Paris.
+    assert len(theirs) < 24 and "Paris" in ours.decode(theirs)

@@ -1,0 +1,120 @@
+"""torch -> ONNX: one function-op node per block, dynamic dims kept, the graph contract, bad input."""
+
+import collections
+
+import pytest
+import torch
+
+from edgellama.errors import ExportError, ModelFolderError
+from edgellama.export import config as C
+from edgellama import folder as F
+from edgellama.export import model as M
+from edgellama.export import onnx_export as E
+
+
+def _ops(ir_model):
+    return collections.Counter((n.domain, n.op_type) for n in ir_model.graph)
+
+
+@pytest.fixture(scope="module")
+def tiny_ir():
+    torch.manual_seed(0)
+    return E.export_onnx(M.Llama(C.tiny(num_hidden_layers=3)).eval())
+
+
+def test_one_node_per_block(tiny_ir):
+    ops = _ops(tiny_ir)
+    layers = 3
+    assert ops[("edgellama", "RMSNorm")] == 2 * layers + 1
+    assert ops[("edgellama", "RotaryEmbedding")] == 2 * layers
+    assert ops[("edgellama", "GroupQueryAttention")] == layers
+    # Nothing of the blocks' insides leaks into the main graph.
+    assert not {("", "Softmax"), ("", "ReduceMean"), ("", "Sqrt"), ("", "Cos")} & set(ops)
+    assert tiny_ir.opset_imports["edgellama"] == 1
+
+
+def test_nodes_named_after_modules(tiny_ir):
+    names = {n.name for n in tiny_ir.graph}
+    assert "model.layers.2.self_attn/GroupQueryAttention" in names
+    assert "model.layers.0.input_layernorm/RMSNorm" in names
+    assert "model.norm/RMSNorm" in names
+    assert "model.layers.1.mlp.down_proj/MatMul" in names
+
+
+def test_graph_contract_and_dynamic_dims(tiny_ir):
+    ins = {v.name: v for v in tiny_ir.graph.inputs}
+    outs = {v.name: v for v in tiny_ir.graph.outputs}
+    assert list(ins)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [str(d) for d in ins["input_ids"].shape] == ["batch", "sequence"]
+    assert [str(d) for d in ins["attention_mask"].shape] == ["batch", "total_sequence"]
+    assert [str(d) for d in ins["past_key_values.2.value"].shape] == ["batch", "2", "past_sequence", "16"]
+    assert [str(d) for d in outs["logits"].shape] == ["batch", "sequence", "512"]
+    assert [str(d) for d in outs["present.0.key"].shape] == ["batch", "2", "total_sequence", "16"]
+    assert len(ins) == 3 + 2 * 3 and len(outs) == 1 + 2 * 3
+
+
+def test_check_dynamic_refuses_a_specialized_dim(tiny_ir):
+    import onnx_ir as ir
+
+    v = tiny_ir.graph.inputs[0]
+    saved = v.shape
+    try:
+        v.shape = ir.Shape([1, ir.SymbolicDim("sequence")])
+        with pytest.raises(ExportError, match="specialized dim 0 of input_ids"):
+            E.check_dynamic(tiny_ir)
+    finally:
+        v.shape = saved
+
+
+def test_fp16_export_keeps_fp32_logits():
+    ir16 = E.export_onnx(M.Llama(C.tiny(num_hidden_layers=1)).eval(), dtype="fp16")
+    dtypes = {v.name: v.dtype.name for v in list(ir16.graph.inputs) + list(ir16.graph.outputs)}
+    assert dtypes["logits"] == "FLOAT"
+    assert dtypes["past_key_values.0.key"] == dtypes["present.0.value"] == "FLOAT16"
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"target": "tensorrt"}, "unknown target 'tensorrt'"),
+    ({"dtype": "int3"}, "unknown dtype 'int3'"),
+    ({"opset": 12}, "opset 12 is not supported"),
+    ({"target": "onnx23", "opset": 21}, "needs --opset 23"),
+    ({"provider": "tpu"}, "unknown provider 'tpu'"),
+])
+def test_bad_arguments_write_nothing(tmp_path, kwargs, words):
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=words):
+        E.export_model("tiny", out, **kwargs)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_non_empty_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(ModelFolderError, match="not empty; pass --force"):
+        E.export_model("tiny", out)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with F.staged_folder(out, force=False) as tmp:
+            (tmp / F.MODEL).write_bytes(b"half a model")
+            raise RuntimeError("interrupted")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_only_once_the_new_folder_is_whole(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with F.staged_folder(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("interrupted")
+    assert (out / "old.txt").read_text() == "old"          # nothing lost
+    with F.staged_folder(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert len(list(tmp_path.iterdir())) == 1

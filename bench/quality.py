@@ -3,7 +3,7 @@
     python bench/quality.py --degrid --genai                       # smollm2 and its de-gridded copy
     python bench/quality.py --modes int4 --tokens 4096 --window 512 --json q.json --markdown q.md
 
-Text: the docstrings of a fixed list of standard-library modules (edgellama.runtime.quality),
+Text: the docstrings of a fixed list of standard-library modules (edgellama.check.quality),
 the first --tokens tokens, in non-overlapping windows of --window tokens each starting with BOS;
 one teacher-forced prefill per window. P is the source's fp32 torch model; each row is our fp32
 ONNX export on ONNX Runtime CPU, each quantization mode (edgellama.quant.api.quantize_folder),
@@ -35,7 +35,7 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
 
     from edgellama.export.onnx_export import export_model
     from edgellama.export.sources import load_model, save_hf_folder
-    from edgellama.runtime import quality as q
+    from edgellama.check import quality as q
 
     out = args.out / name
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
             measure(mode, folder)
 
     if args.genai:
-        from edgellama.runtime.bench import build_genai_model
+        from edgellama.check.bench import build_genai_model
 
         if hf_folder is None:
             hf_folder = out / "hf"
@@ -206,7 +206,7 @@ def main() -> None:
         return
 
     from edgellama.export.sources import smollm2_path
-    from edgellama.runtime import quality as q
+    from edgellama.check import quality as q
 
     start = time.perf_counter()
     models = [(args.source, args.source, None)]

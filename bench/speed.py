@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgellama.export.onnx_export import export_model
-    from edgellama.runtime import bench
+    from edgellama.check import bench
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)

@@ -153,30 +153,80 @@ class Manifest:
         return cls(**fields, files=files)
 
 
+# -- paths taken from untrusted files ----------------------------------------------------------------
+def inside(folder: Path, name: str, *, what: str = "file") -> Path:
+    """`folder / name`, refused (ModelFolderError) unless it resolves, symlinks included, to a path
+    inside `folder`: every path read from an index, a manifest, external data or tokenizer files
+    goes through here before anything is opened or stat'ed."""
+    root = Path(folder).resolve()
+    if not isinstance(name, str) or not name or "\x00" in name or Path(name).is_absolute():
+        raise ModelFolderError(f"{folder}: the {what} {name!r} is not a path inside the folder")
+    target = (root / name).resolve()
+    if target == root or root not in target.parents:
+        raise ModelFolderError(f"{folder}: the {what} {name!r} points outside the folder")
+    return target
+
+
 # -- writing ------------------------------------------------------------------------------------
-def check_output(out: Path, *, force: bool) -> None:
-    """Refuse an existing non-empty OUT unless `force`: called before any work is done."""
+def _related(a: Path, b: Path) -> bool:
+    """Whether two resolved paths are the same or one contains the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(out: Path, *, force: bool, inputs: tuple[Path | str, ...] = ()) -> None:
+    """Refuse OUT before any work is done: an output equal to, inside or containing an input; a
+    path whose parent is a file; an existing non-empty folder unless `force`, and with `force`
+    anything but a folder edgellama wrote (it has our manifest): --force replaces only our own."""
     out = Path(out)
+    real = out.resolve()
+    for src in inputs:
+        src_real = Path(src).resolve()
+        if _related(real, src_real):
+            raise ModelFolderError(f"output {out} overlaps the input {src}; write the output elsewhere")
+    for parent in real.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ModelFolderError(f"output {out}: {parent} is a file, not a folder")
+            break
     if out.exists() and not out.is_dir():
         raise ModelFolderError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ModelFolderError(f"output folder {out} is not empty; pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ModelFolderError(f"output folder {out} is not empty; pass --force to replace it")
+        if not (out / MANIFEST).is_file():
+            raise ModelFolderError(f"output folder {out} is not empty and is not an edgellama model folder; "
+                                   "--force replaces only folders edgellama wrote")
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, *, force: bool) -> Iterator[Path]:
-    """Yield an empty temp folder beside `out`; on success it replaces `out` in one rename."""
+def staged_folder(out: Path, *, force: bool, inputs: tuple[Path | str, ...] = ()) -> Iterator[Path]:
+    """Yield an empty temp folder beside `out`; on success it replaces `out` in one rename.
+
+    Whatever goes wrong inside (a full disk, an interrupt), the temp folder is removed and an older
+    `out` is left as it was; an OSError becomes one ModelFolderError line."""
     out = Path(out).absolute()
-    check_output(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    check_output(out, force=force, inputs=inputs)
     try:
-        yield tmp
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ModelFolderError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            raise ModelFolderError(f"writing {out} failed: {e.strerror or e}"
+                                   f"{' (' + e.filename + ')' if getattr(e, 'filename', None) else ''}") from None
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old is not None:
+                old.rename(out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -303,12 +353,8 @@ def verify_folder(folder: Path, *, hash_limit_bytes: int = 1 << 30) -> Manifest:
     of the recorded sha256. Returns the manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    root = folder.resolve()
     for name, rec in manifest.files.items():
-        path = folder / name
-        target = path.resolve()
-        if Path(name).is_absolute() or target.parent != root:
-            raise ModelFolderError(f"{folder}: the manifest names {name!r}, which is not a file of the folder")
+        path = inside(folder, name, what="manifest entry")
         if not path.is_file():
             raise ModelFolderError(f"{folder}: {name} is missing")
         size = path.stat().st_size
@@ -348,11 +394,11 @@ def external_data_paths(model: Any) -> list[str]:
 
 def check_external_data(model: Any, folder: Path) -> None:
     """Refuse external data that points outside `folder`: a model file is untrusted input."""
-    root = Path(folder).resolve()
     for loc in set(external_data_paths(model)):
-        target = (root / loc).resolve()
-        if Path(loc).is_absolute() or (target != root and root not in target.parents):
-            raise ModelFolderError(f"{folder}: external data location {loc!r} points outside the model folder")
+        try:
+            inside(folder, loc, what="external data location")
+        except ModelFolderError:
+            raise ModelFolderError(f"{folder}: external data location {loc!r} points outside the model folder") from None
 
 
 def load_model_proto(folder: Path, *, with_weights: bool = True) -> Any:

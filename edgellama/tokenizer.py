@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgellama.errors import RuntimeInputError, SourceError
+from edgellama.errors import EdgellamaError, RuntimeInputError, SourceError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -116,7 +116,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         folder = Path(folder)
-        path = folder / TOKENIZER_FILE
+        path, config_path, template_path = (_file_in(folder, name)
+                                            for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE))
         if not path.is_file():
             raise SourceError(f"{folder}: no {TOKENIZER_FILE}")
         try:
@@ -124,22 +125,37 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - the library raises bare Exceptions for malformed JSON
             raise SourceError(f"{path}: not a readable tokenizer ({e})") from None
         config: dict[str, Any] = {}
-        if (folder / CONFIG_FILE).is_file():
+        if config_path.is_file():
             try:
-                config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise SourceError(f"{folder / CONFIG_FILE}: not valid JSON ({e})") from None
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as e:
+                raise SourceError(f"{config_path}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise SourceError(f"{config_path}: not a JSON object")
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: transformers picks "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        if (folder / TEMPLATE_FILE).is_file():
-            template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+        if template_path.is_file():
+            try:
+                template = template_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise SourceError(f"{template_path}: not readable text ({e})") from None
         return cls(backend, chat_template=template if isinstance(template, str) else None,
                    **{k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, chat_template={'yes' if self.chat_template else 'no'})"
+
+
+def _file_in(folder: Path, name: str) -> Path:
+    """A tokenizer file of `folder`; one that is a symlink to a file outside is refused."""
+    from edgellama.folder import inside
+
+    try:
+        return inside(folder, name, what="tokenizer file")
+    except EdgellamaError as e:
+        raise SourceError(str(e)) from None
 
 
 def _compile(template: str) -> Any:

@@ -116,9 +116,14 @@ def export_onnx(model: Llama, *, dtype: str = "fp32", opset: int = 23) -> Any:
         program = torch.onnx.export(
             _Graph(model), (ids, mask, pos, past), dynamo=True, dynamic_shapes=dynamic,
             input_names=inputs, output_names=outputs, opset_version=opset,
-            custom_translation_table=_translations(), optimize=True, verbose=False,
+            custom_translation_table=_translations(), optimize=False, verbose=False,
         )
+        # Optimized here rather than by the exporter: which folded constant came from which
+        # weight is only visible before constant folding.
+        folded = _folded_sources(program.model.graph)
+        program.optimize()
     ir_model = program.model
+    _name_initializers(ir_model.graph, names=_state_dict_names(model), folded=folded)
     _name_nodes(ir_model)
     for proto in function_protos(opset):
         fn = ir.serde.deserialize_function(proto)
@@ -146,12 +151,64 @@ def _name_nodes(ir_model: Any) -> None:
             scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
         except (ValueError, SyntaxError):
             scopes = []
-        # The wrapper module adds one leading "model." to every torch module path.
-        paths = [p.removeprefix("model.") for p in scopes if isinstance(p, str) and p.startswith("model.")]
+        paths = [p.removeprefix(_WRAPPER) for p in scopes if isinstance(p, str) and p.startswith(_WRAPPER)]
         base = f"{paths[-1]}/{node.op_type}" if paths else node.op_type
         node.name = base if not seen[base] else f"{base}_{seen[base]}"
         seen[base] += 1
         node.metadata_props.clear()
+
+
+# The wrapper module adds one leading "model." to every torch module path.
+_WRAPPER = "model."
+
+
+def _state_dict_names(model: Llama) -> dict[str, str]:
+    """Exporter's initializer name -> the weight's name in `model`'s state_dict.
+
+    The exporter names a weight by one of its paths through the wrapper, whichever it met first;
+    a tied weight (lm_head = embed_tokens) keeps the one name `named_parameters` gives it.
+    """
+    import itertools
+
+    own = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    canonical = {id(t): name for name, t in own.items()}
+    every = itertools.chain(model.named_parameters(remove_duplicate=False),
+                            model.named_buffers(remove_duplicate=False))
+    return {_WRAPPER + name: canonical[id(t)] for name, t in every}
+
+
+# Ops whose result on a weight is folded into a new, anonymous initializer: the weight as
+# MatMul reads it (Linear's transposed weight) and the weight in the model's dtype.
+_FOLDED_OPS = ("Transpose", "Cast")
+
+
+def _folded_sources(graph: Any) -> dict[str, str]:
+    """Before constant folding: output name -> the weight it derives from, for every one-input
+    Transpose or Cast of an initializer (the folded constant keeps that output name)."""
+    found = {}
+    for node in graph:
+        if node.op_type in _FOLDED_OPS and node.domain in ("", "ai.onnx") and len(node.inputs) == 1:
+            source = node.inputs[0]
+            if source is not None and source.is_initializer():
+                found[node.outputs[0].name] = source.name
+    return found
+
+
+def _name_initializers(graph: Any, *, names: dict[str, str], folded: dict[str, str]) -> None:
+    """Rename every initializer that holds a torch weight (as is, transposed or cast) to the
+    weight's state_dict name, `model.layers.1.mlp.down_proj.weight`, as optimum and
+    onnxruntime-genai name them: a viewer, `--exclude` reports and debugging read module paths.
+
+    Direct weights are renamed before derived ones, so where both survive (a tied embedding read
+    by Gather and, through a Transpose, by lm_head) the weight itself keeps the name.
+    """
+    taken = {v.name for v in graph.inputs} | {v.name for node in graph for v in node.outputs}
+    inits = list(graph.initializers.values())
+    direct = [(v, names.get(v.name)) for v in inits if v.name in names]
+    derived = [(v, names.get(folded[v.name])) for v in inits if v.name in folded]
+    for value, name in direct + derived:
+        if name and name != value.name and name not in graph.initializers and name not in taken:
+            value.name = name
 
 
 def _name_dims(ir_model: Any) -> None:

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from edgellama.errors import ExportError, ModelFolderError
-from edgellama.export import config as C
-from edgellama import folder as F
-from edgellama.export import model as M
-from edgellama.export import onnx_export as E
+from edgellama import folder as model_folder
+from edgellama.export import onnx_export
+from edgellama.export.config import tiny
+from edgellama.export.model import Llama
+from tests.conftest import random_llama
 
 
 def _ops(ir_model):
@@ -19,7 +20,7 @@ def _ops(ir_model):
 @pytest.fixture(scope="module")
 def tiny_ir():
     torch.manual_seed(0)
-    return E.export_onnx(M.Llama(C.tiny(num_hidden_layers=3)).eval())
+    return onnx_export.export_onnx(Llama(tiny(num_hidden_layers=3)).eval())
 
 
 def test_one_node_per_block(tiny_ir):
@@ -39,6 +40,29 @@ def test_nodes_named_after_modules(tiny_ir):
     assert "model.layers.0.input_layernorm/RMSNorm" in names
     assert "model.norm/RMSNorm" in names
     assert "model.layers.1.mlp.down_proj/MatMul" in names
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_initializers_carry_state_dict_names(tied):
+    """Every initializer holding a torch weight (as is, or transposed as MatMul reads it) is named
+    after the weight's state_dict entry, on every target; a tied embedding has one name."""
+    import numpy as np
+    import onnx_ir as ir
+
+    model = random_llama(0, layers=2, tie_word_embeddings=tied)
+    weights = {name: t.detach().numpy() for name, t in model.named_parameters()}
+    weights.update({name: t.numpy() for name, t in model.named_buffers()})
+    portable = onnx_export.export_onnx(model)
+    for target in ("portable", "ort", "onnx23"):
+        ir_model = onnx_export.lower(ir.from_proto(ir.to_proto(portable)), target=target)
+        inits = {name: v.const_value.numpy() for name, v in ir_model.graph.initializers.items()}
+        assert set(weights) <= set(inits), (target, set(weights) - set(inits))
+        for name, array in inits.items():
+            sources = [w for w, a in weights.items()
+                       if array.shape in (a.shape, a.T.shape) and (np.array_equal(array, a) or np.array_equal(array, a.T))]
+            assert not sources or name in sources, (target, name, sources)
+    assert ("lm_head.weight" in weights) is not tied
+    assert "model.layers.1.mlp.down_proj.weight" in weights
 
 
 def test_graph_contract_and_dynamic_dims(tiny_ir):
@@ -61,13 +85,13 @@ def test_check_dynamic_refuses_a_specialized_dim(tiny_ir):
     try:
         v.shape = ir.Shape([1, ir.SymbolicDim("sequence")])
         with pytest.raises(ExportError, match="specialized dim 0 of input_ids"):
-            E.check_dynamic(tiny_ir)
+            onnx_export.check_dynamic(tiny_ir)
     finally:
         v.shape = saved
 
 
 def test_fp16_export_keeps_fp32_logits():
-    ir16 = E.export_onnx(M.Llama(C.tiny(num_hidden_layers=1)).eval(), dtype="fp16")
+    ir16 = onnx_export.export_onnx(Llama(tiny(num_hidden_layers=1)).eval(), dtype="fp16")
     dtypes = {v.name: v.dtype.name for v in list(ir16.graph.inputs) + list(ir16.graph.outputs)}
     assert dtypes["logits"] == "FLOAT"
     assert dtypes["past_key_values.0.key"] == dtypes["present.0.value"] == "FLOAT16"
@@ -83,7 +107,7 @@ def test_fp16_export_keeps_fp32_logits():
 def test_bad_arguments_write_nothing(tmp_path, kwargs, words):
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=words):
-        E.export_model("tiny", out, **kwargs)
+        onnx_export.export_model("tiny", out, **kwargs)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -92,15 +116,15 @@ def test_non_empty_output_needs_force(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(ModelFolderError, match="not empty; pass --force"):
-        E.export_model("tiny", out)
+        onnx_export.export_model("tiny", out)
     assert (out / "keep.txt").read_text() == "precious"
 
 
 def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="interrupted"):
-        with F.staged_folder(out, force=False) as tmp:
-            (tmp / F.MODEL).write_bytes(b"half a model")
+        with model_folder.staged_folder(out, force=False) as tmp:
+            (tmp / model_folder.MODEL).write_bytes(b"half a model")
             raise RuntimeError("interrupted")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -110,11 +134,11 @@ def test_force_replaces_only_once_the_new_folder_is_whole(tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with F.staged_folder(out, force=True) as tmp:
+        with model_folder.staged_folder(out, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("interrupted")
     assert (out / "old.txt").read_text() == "old"          # nothing lost
-    with F.staged_folder(out, force=True) as tmp:
+    with model_folder.staged_folder(out, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert len(list(tmp_path.iterdir())) == 1

@@ -12,9 +12,11 @@ body names a dtype it was not given. Their opset equals the model's, because the
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
+from edgellama.export.lower.attention_bias import allowed_keys
 from edgellama.export.schemas import DOMAIN, VERSION
 
 _FLOAT32_MIN = -3.4028234663852886e38   # finfo(float32).min: finite, so fully masked padding rows stay finite
@@ -42,6 +44,12 @@ class _Body:
             node.attribute.append(ref.proto(name))
         self.nodes.append(node)
         return names[0] if len(names) == 1 else names
+
+    def emit(self, op_type: str, *inputs: str, name: str, **attrs) -> str:
+        """`op` as `attention_bias.allowed_keys` calls it: tensor attributes come as numpy arrays and
+        the step's name is not needed (body values are numbered)."""
+        attrs = {k: numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
+        return self.op(op_type, *inputs, **attrs)
 
     def ints(self, *values: int) -> str:
         return self.op("Constant", value_ints=list(values))
@@ -147,15 +155,8 @@ def group_query_attention(opset: int) -> onnx.FunctionProto:
     scores = b.op("MatMul", q, b.op("Transpose", k5, perm=[0, 1, 2, 4, 3]))    # [B, Nkv, n_rep, S, T]
     scale = b.op("CastLike", b.op("Constant", value_float=_Ref("scale", AttributeProto.FLOAT)), scores)
     scores = b.op("Cast", b.op("Mul", scores, scale), to=TensorProto.FLOAT)    # softmax in fp32
-    # Query i sits at absolute slot T - S + i and sees key j when j <= that slot and mask[b, j] == 1.
-    t = b.op("Gather", b.op("Shape", "attention_mask"), b.op("Constant", value_int=1), axis=0)
-    s = b.op("Gather", b.op("Shape", "query"), b.op("Constant", value_int=1), axis=0)
-    one = b.op("Constant", value_int=1)
-    q_slot = b.op("Unsqueeze", b.op("Range", b.op("Sub", t, s), t, one), b.ints(1))          # [S, 1]
-    k_slot = b.op("Range", b.op("Constant", value_int=0), t, one)                           # [T]
-    causal = b.op("LessOrEqual", k_slot, q_slot)                                            # [S, T]
-    padding = b.op("Unsqueeze", b.op("Cast", "attention_mask", to=TensorProto.BOOL), b.ints(1, 2, 3))  # [B,1,1,1,T]
-    allowed = b.op("And", causal, padding)                                                  # [B,1,1,S,T]
+    # The same mask as the lowered attention kernels get: [B, 1, S, T], one more axis for the groups.
+    allowed = b.op("Unsqueeze", allowed_keys(b.emit, "query", "attention_mask"), b.ints(2))  # [B,1,1,S,T]
     masked_value = b.op("Constant", value=helper.make_tensor("min", TensorProto.FLOAT, [], [_FLOAT32_MIN]))
     probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
     out = b.op("MatMul", b.op("CastLike", probs, "query"), v5)                 # [B, Nkv, n_rep, S, D]

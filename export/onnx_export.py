@@ -235,19 +235,9 @@ def check_dynamic(ir_model: Any) -> None:
 
 def lower(ir_model: Any, *, target: str, provider: str = "cpu") -> Any:
     """Apply the lowering pass of `target` to a portable model (onnx_ir in, onnx_ir out)."""
-    import onnx_ir as ir
+    from edgellama.export.lower import lower as lower_to
 
-    if target == "portable":
-        return ir_model
-    if target == "ort":
-        from edgellama.export.lower_ort import lower_ort as lower_fn
-    elif target == "onnx23":
-        from edgellama.export.lower_onnx23 import lower_onnx23 as lower_fn
-    else:
-        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    kwargs = {"provider": provider} if target == "ort" else {}
-    result = lower_fn(ir_model, **kwargs)
-    return ir.serde.deserialize_model(result) if not isinstance(result, ir.Model) else result
+    return lower_to(ir_model, target=target, provider=provider)
 
 
 def _version() -> str:

@@ -14,7 +14,7 @@ TARGETS = ("portable", "ort", "onnx23")
 
 def export_tiny(out: Path, target: str = "portable") -> Path:
     """A tiny fp32 export (2 layers: 7*2+1 = 15 weight MatMuls and one embedding Gather)."""
-    module = {"ort": "edgellama.export.lower_ort", "onnx23": "edgellama.export.lower_onnx23"}.get(target)
+    module = {"ort": "edgellama.export.lower", "onnx23": "edgellama.export.lower"}.get(target)
     if module and importlib.util.find_spec(module) is None:
         pytest.skip(f"the {target} lowering ({module}) is not in this tree yet")
     from edgellama.export.onnx_export import export_model

@@ -1,0 +1,92 @@
+"""`ort`: edgellama RMSNorm -> ONNX Runtime's SkipSimplifiedLayerNormalization / SimplifiedLayerNormalization.
+
+Reference: `ops.rms_norm_ref` (transformers' LlamaRMSNorm: statistics in fp32, no mean
+subtraction, `weight * x_normalized`). ORT's kernels compute the same with fp32 statistics
+(`stash_type=1` for SimplifiedLayerNormalization; SkipSimplifiedLayerNormalization always
+accumulates in fp32).
+
+A Llama layer feeds each norm `residual + branch` and uses that same sum as the next residual,
+so the Skip variant replaces both the Add and the norm: its output 3 (`input_skip_bias_sum`)
+takes over every other use of the Add's result. The two rules share one check, so they live in
+one file; the Skip one is preferred, the plain one takes the norms it refuses.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from edgellama.export.lower.engine import Context, Rule
+from edgellama.export.lower.ort_kernels import MS_DOMAIN, kernel_refusal
+
+
+def _norm_reason(node: ir.Node, op_type: str, ctx: Context) -> str | None:
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return f"expected inputs (X, scale), got {len(node.inputs)}"
+    x, scale = node.inputs
+    if "epsilon" not in node.attributes:
+        return "no epsilon attribute"
+    if (reason := kernel_refusal(op_type, x.dtype, ctx)) is not None:
+        return reason
+    if scale.dtype != x.dtype:
+        return f"scale dtype {scale.dtype} differs from X dtype {x.dtype}"
+    if scale.shape is None or len(scale.shape) != 1:
+        return "scale is not 1-D"
+    return None
+
+
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    # Symbolic dims compare by name: the exporter names batch/sequence dims consistently.
+    return (a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape)
+            and all(str(x) == str(y) for x, y in zip(a.shape, b.shape)))
+
+
+class SkipSimplifiedLayerNorm(Rule):
+    """RMSNorm(Add(residual, branch)) -> com.microsoft.SkipSimplifiedLayerNormalization."""
+
+    name = "skip_simplified_layer_norm"
+    op_type = "RMSNorm"
+
+    def check(self, node: ir.Node, ctx: Context) -> str | None:
+        if (reason := _norm_reason(node, "SkipSimplifiedLayerNormalization", ctx)) is not None:
+            return reason
+        add = node.inputs[0].producer()
+        if add is None or add.domain != "" or add.op_type != "Add":
+            return "input is not produced by an Add (no residual to fuse)"
+        if len(add.inputs) != 2 or any(v is None for v in add.inputs):
+            return "the Add does not have two inputs"
+        a, b = add.inputs
+        if not _same_shape(a, b) or len(a.shape) not in (2, 3):
+            # A broadcasting Add (e.g. a bias) is not a residual sum; the kernel wants equal shapes.
+            return "the Add's inputs are not two tensors of one known rank-2/3 shape"
+        if a.dtype != node.inputs[0].dtype or b.dtype != node.inputs[0].dtype:
+            return "the Add's inputs differ in dtype from the norm's"
+        return None
+
+    def rewrite(self, node: ir.Node, ctx: Context) -> None:
+        add = node.inputs[0].producer()
+        residual, branch = add.inputs
+        fused = ir.node("SkipSimplifiedLayerNormalization", [residual, branch, node.inputs[1]],
+                        {"epsilon": node.attributes["epsilon"].as_float()}, domain=MS_DOMAIN,
+                        num_outputs=4, name=node.name)
+        # Outputs 1 and 2 (mean, inverse std-var) are for training: the empty name omits them, so the
+        # saver does not invent names that make ORT compute and keep them.
+        fused.outputs[1].name = fused.outputs[2].name = ""
+        # At the Add's place: its inputs are defined there, and every use of the sum comes after it.
+        ctx.graph.insert_before(add, fused)
+        ctx.rewire([node.outputs[0], add.outputs[0]], [fused.outputs[0], fused.outputs[3]])
+        ctx.graph.remove([node, add], safe=True)
+
+
+class SimplifiedLayerNorm(Rule):
+    """RMSNorm(x) -> SimplifiedLayerNormalization (ORT registers it in the ai.onnx domain)."""
+
+    name = "simplified_layer_norm"
+    op_type = "RMSNorm"
+
+    def check(self, node: ir.Node, ctx: Context) -> str | None:
+        return _norm_reason(node, "SimplifiedLayerNormalization", ctx)
+
+    def rewrite(self, node: ir.Node, ctx: Context) -> None:
+        ctx.replace(node, ir.node("SimplifiedLayerNormalization", list(node.inputs),
+                                  {"epsilon": node.attributes["epsilon"].as_float(), "axis": -1,
+                                   "stash_type": int(ir.DataType.FLOAT)}, name=node.name))

@@ -1,0 +1,109 @@
+"""Which rules each target applies, and `lower(ir_model, *, target, provider)`.
+
+Input is the portable model of `onnx_export.export_onnx` (one `edgellama` node per block); output
+keeps the graph contract (same input/output names, dtypes and dynamic dims). Semantics are those
+of the edgellama ops (`export/ops.py`: `rms_norm_ref`, `rotary_ref`, `gqa_ref`), i.e.
+transformers' LlamaForCausalLM, left-padded batches included.
+
+`ort`, ONNX Runtime's fused contrib kernels for `provider` ("cpu"/"cuda"):
+
+    RMSNorm(Add(residual, branch))  ->  com.microsoft.SkipSimplifiedLayerNormalization   (ort_norm.py)
+                                        (output 3, the residual sum, feeds the next residual)
+    RMSNorm(anything else)          ->  SimplifiedLayerNormalization (ORT's, domain ai.onnx)
+    RotaryEmbedding                 ->  com.microsoft.RotaryEmbedding                    (ort_rotary.py)
+    GroupQueryAttention             ->  com.microsoft.GroupQueryAttention (+ attention bias) (ort_gqa.py)
+
+`onnx23`, the standard ai.onnx opset-23 ops (needs a model exported at opset 23):
+
+    RMSNorm              ->  RMSNormalization        (onnx23_norm.py)
+    RotaryEmbedding      ->  RotaryEmbedding-23      (onnx23_rotary.py)
+    GroupQueryAttention  ->  Attention-23            (onnx23_attention.py)
+
+ONNX Runtime 1.31 CPU runs all three opset-23 ops as kernels (not function expansions) in fp32
+and fp16. CUDA: the installed libonnxruntime_providers_cuda.so (1.31.1) instantiates
+onnxruntime::cuda::Attention<float|MLFloat16|BFloat16>, RotaryEmbedding<float|MLFloat16|BFloat16>
+and RMSNorm (fp32 statistics), so no dtype is refused for CUDA there; that was read from the
+library's type names, not run (no GPU in our tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import onnx_ir as ir
+
+from edgellama.errors import ExportError
+from edgellama.folder import TARGETS
+from edgellama.export.lower.engine import Context, Refusal, Report, Rule, apply
+from edgellama.export.lower.onnx23_attention import Attention
+from edgellama.export.lower.onnx23_norm import RMSNormalization
+from edgellama.export.lower.onnx23_rotary import RotaryEmbedding
+from edgellama.export.lower.onnx23_types import OPSET
+from edgellama.export.lower.ort_gqa import MsGroupQueryAttention
+from edgellama.export.lower.ort_kernels import MS_DOMAIN, PROVIDERS
+from edgellama.export.lower.ort_norm import SimplifiedLayerNorm, SkipSimplifiedLayerNorm
+from edgellama.export.lower.ort_rotary import MsRotaryEmbedding
+
+
+def _ort_accepts(ir_model: ir.Model, provider: str) -> None:
+    if provider not in PROVIDERS:
+        raise ExportError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+
+
+def _onnx23_accepts(ir_model: ir.Model, provider: str) -> None:
+    opset = ir_model.opset_imports.get("")
+    if opset != OPSET:
+        raise ExportError(f"the onnx23 target needs a model exported at opset {OPSET} (this one is opset {opset})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    rules: tuple[Rule, ...]                     # per op, in order of preference
+    accepts: Callable[[ir.Model, str], None]    # raises ExportError for a model or provider it cannot take
+    opsets: dict[str, int]                      # opset imports the lowered nodes need
+
+
+LOWERINGS = {
+    "ort": Target((SkipSimplifiedLayerNorm(), SimplifiedLayerNorm(), MsRotaryEmbedding(), MsGroupQueryAttention()),
+                  _ort_accepts, {MS_DOMAIN: 1}),
+    # Provider-independent: every dtype the opset allows has a kernel on both providers.
+    "onnx23": Target((RMSNormalization(), RotaryEmbedding(), Attention()), _onnx23_accepts, {}),
+}
+
+
+def lower_with_report(ir_model: ir.Model, *, target: str, provider: str = "cpu") -> tuple[ir.Model, Report]:
+    """`lower`, plus what each rule lowered and every refusal (node, rule, reason)."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target not in LOWERINGS:   # portable: the function ops stay
+        return ir_model, Report()
+    spec = LOWERINGS[target]
+    spec.accepts(ir_model, provider)
+    report = apply(ir_model, spec.rules, Context(ir_model.graph, provider))
+    ir_model.opset_imports.update(spec.opsets)
+    return ir_model, report
+
+
+def lower(ir_model: ir.Model, *, target: str, provider: str = "cpu") -> ir.Model:
+    """The portable model lowered to `target`'s kernels (in place; returns `ir_model`)."""
+    return lower_with_report(ir_model, target=target, provider=provider)[0]
+
+
+# -- per target, as the tests and callers name them ---------------------------------------------------
+def lower_ort_with_report(ir_model: ir.Model, *, provider: str = "cpu") -> tuple[ir.Model, list[Refusal]]:
+    ir_model, report = lower_with_report(ir_model, target="ort", provider=provider)
+    return ir_model, report.refused
+
+
+def lower_ort(ir_model: ir.Model, *, provider: str = "cpu") -> ir.Model:
+    return lower(ir_model, target="ort", provider=provider)
+
+
+def lower_onnx23_with_report(ir_model: ir.Model) -> tuple[ir.Model, list[Refusal]]:
+    ir_model, report = lower_with_report(ir_model, target="onnx23")
+    return ir_model, report.refused
+
+
+def lower_onnx23(ir_model: ir.Model) -> ir.Model:
+    return lower(ir_model, target="onnx23")

@@ -21,7 +21,9 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time, resource, torch
 from pathlib import Path
-from edgellama.export import config as C, model as M, onnx_export as E, folder as F
+from edgellama import folder as model_folder
+from edgellama.export import config as presets, onnx_export
+from edgellama.export.model import Llama
 name, out, target = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
 if name == "smollm2":
@@ -30,15 +32,15 @@ if name == "smollm2":
 else:
     torch.manual_seed(0)
     with torch.no_grad():
-        model = M.Llama(C.PRESETS[name]()).eval()
+        model = Llama(presets.PRESETS[name]()).eval()
     tok = None
 t1 = time.perf_counter()
-ir_model = E.export_onnx(model)
+ir_model = onnx_export.export_onnx(model)
 if target != "portable":
-    ir_model = E.lower(ir_model, target=target)
+    ir_model = onnx_export.lower(ir_model, target=target)
 t2 = time.perf_counter()
-with F.staged_folder(out, force=True) as tmp:
-    F.save_model(ir_model, tmp)
+with model_folder.staged_folder(out, force=True) as tmp:
+    model_folder.save_model(ir_model, tmp)
 t3 = time.perf_counter()
 weights = sum(p.numel() * 4 for p in model.parameters())
 print(json.dumps({"model": name, "target": target, "load_or_init_s": t1 - t0, "export_s": t2 - t1,

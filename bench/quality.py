@@ -33,9 +33,10 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
     """Every row of one model's table (a dict per row), the torch reference first."""
     import torch
 
+    from edgellama.check import quality
     from edgellama.export.onnx_export import export_model
     from edgellama.export.sources import load_model, save_hf_folder
-    from edgellama.check import quality as q
+    from edgellama.quant.api import quantize_folder
 
     out = args.out / name
     out.mkdir(parents=True, exist_ok=True)
@@ -43,13 +44,13 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
     t0 = time.perf_counter()
     model, tokenizer, info = load_model(source)
     config = model.config
-    ids = q.eval_tokens(tokenizer, tokens=args.tokens)
-    windows = q.make_windows(ids, window=args.window, bos_id=tokenizer.bos_token_id)
+    ids = quality.eval_tokens(tokenizer, tokens=args.tokens)
+    windows = quality.make_windows(ids, window=args.window, bos_id=tokenizer.bos_token_id)
     say(f"{name}: {len(ids)} tokens in {len(windows)} windows of <= {args.window}")
-    fn = q.torch_logits_fn(model)
-    ref = q.evaluate(fn, windows, keep_logprobs=True)
+    fn = quality.torch_logits_fn(model)
+    ref = quality.evaluate(fn, windows, keep_logprobs=True)
     rows = [{"variant": "fp32 torch (P)", "size": None, "seconds": time.perf_counter() - t0,
-             "answer": q.france_answer(fn, tokenizer), **ref.scores.to_dict()}]
+             "answer": quality.france_answer(fn, tokenizer), **ref.scores.to_dict()}]
     say(f"{name}: torch ppl {ref.scores.ppl:.4f}")
     del model, fn
     gc.collect()
@@ -57,11 +58,11 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
     def measure(variant: str, folder: Path) -> None:
         t = time.perf_counter()
         try:
-            fn = q.ort_logits_fn(folder / "model.onnx", num_kv_heads=config.num_key_value_heads,
-                                 head_dim=config.head_dim, threads=args.threads)
-            got = q.evaluate(fn, windows, reference=ref.logprobs)
-            row = {"variant": variant, "size": q.onnx_size(folder), "answer": q.france_answer(fn, tokenizer),
-                   **got.scores.to_dict()}
+            fn = quality.ort_logits_fn(folder / "model.onnx", num_kv_heads=config.num_key_value_heads,
+                                       head_dim=config.head_dim, threads=args.threads)
+            got = quality.evaluate(fn, windows, reference=ref.logprobs)
+            row = {"variant": variant, "size": quality.onnx_size(folder),
+                   "answer": quality.france_answer(fn, tokenizer), **got.scores.to_dict()}
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others' rows
             row = {"variant": variant, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         row["seconds"] = time.perf_counter() - t
@@ -75,25 +76,17 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
         export_model(source, fp32, target=args.target, dtype="fp32", force=True)
     measure(f"fp32 ONNX ({args.target})", fp32)
 
-    modes = [m for m in args.modes.split(",") if m]
-    if modes:
+    for mode in [m for m in args.modes.split(",") if m]:
+        folder = out / f"{args.target}-{mode}"
+        t = time.perf_counter()
         try:
-            from edgellama.quant.api import quantize_folder
-        except ImportError as e:
-            quantize_folder = None
-            for mode in modes:
-                rows.append({"variant": mode, "error": f"edgellama.quant.api is not importable ({e})"})
-        for mode in modes if quantize_folder else []:
-            folder = out / f"{args.target}-{mode}"
-            t = time.perf_counter()
-            try:
-                quantize_folder(fp32, folder, mode=mode, force=True)
-            except Exception as e:  # noqa: BLE001 - report it in the row and go on
-                rows.append({"variant": mode, "error": f"quantize: {type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-                say(f"{name}: {mode}: quantize failed: {e}")
-                continue
-            say(f"{name}: quantized {mode} in {time.perf_counter() - t:.0f}s")
-            measure(mode, folder)
+            quantize_folder(fp32, folder, mode=mode, force=True)
+        except Exception as e:  # noqa: BLE001 - report it in the row and go on
+            rows.append({"variant": mode, "error": f"quantize: {type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            say(f"{name}: {mode}: quantize failed: {e}")
+            continue
+        say(f"{name}: quantized {mode} in {time.perf_counter() - t:.0f}s")
+        measure(mode, folder)
 
     if args.genai:
         from edgellama.check.bench import build_genai_model
@@ -206,7 +199,7 @@ def main() -> None:
         return
 
     from edgellama.export.sources import smollm2_path
-    from edgellama.check import quality as q
+    from edgellama.check import quality
 
     start = time.perf_counter()
     models = [(args.source, args.source, None)]
@@ -217,7 +210,7 @@ def main() -> None:
         folder = args.out / f"{Path(args.source).stem}-degrid-hf"
         if args.fresh or not (folder / "config.json").is_file():
             say(f"writing the de-gridded copy to {folder}")
-            q.degrid_gguf(gguf, folder, seed=args.seed)
+            quality.degrid_gguf(gguf, folder, seed=args.seed)
         models.append((f"{Path(args.source).stem}-degrid", str(folder), folder))
     results = []
     for name, source, hf in models:

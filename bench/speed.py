@@ -3,7 +3,7 @@
     python bench/speed.py --out out/speed                 # CPU, 2 threads, every precision
     python bench/speed.py --out out/speed --precisions fp32 --targets portable,ort
 
-For each precision (fp32 export; int8 / int4 through quant.api.quantize_folder when it exists)
+For each precision (fp32 export; int8 / int4 through quant.api.quantize_folder)
 and target, our Generator runs interleaved with onnxruntime-genai on its own builder's export of
 the same checkpoint at the same precision; fp32 adds transformers eager. Model folders and the
 builder's output are kept under --out, so a second run only measures.
@@ -31,8 +31,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
 
-    from edgellama.export.onnx_export import export_model
     from edgellama.check import bench
+    from edgellama.export.onnx_export import export_model
+    from edgellama.export.sources import save_hf_folder
+    from edgellama.quant.api import quantize_folder
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)
@@ -51,11 +53,6 @@ def main() -> None:
             if precision != "fp32":
                 folder = out / f"{args.source}-{target}-{precision}"
                 if not (folder / "edgellama.json").is_file():
-                    try:
-                        from edgellama.quant.api import quantize_folder
-                    except ImportError:
-                        say(f"no quant.api here: skipping {precision}")
-                        break
                     say(f"quantizing {folder.name}")
                     quantize_folder(fp32, folder, mode=precision, force=True)
             runners.append(bench.OursRunner(folder, provider="cpu", threads=args.threads,
@@ -64,8 +61,6 @@ def main() -> None:
             continue
         hf = out / f"{args.source}-hf"
         if not (hf / "config.json").is_file():
-            from edgellama.export.sources import save_hf_folder
-
             say("writing the Hugging Face folder for onnxruntime-genai's builder")
             save_hf_folder(args.source, hf)
         built = bench.build_genai_model(hf, out / f"genai-{args.source}-{precision}", precision=precision)

@@ -203,28 +203,6 @@ class GenaiRunner(Runner):
         return Timing(prefill * 1e3, (new_tokens - 1) / decode if decode > 0 else 0.0, tokens)
 
 
-def genai_greedy(folder: Path, prompt: Sequence[int], new_tokens: int, *, provider: str = "cpu") -> list[int]:
-    """onnxruntime-genai's greedy tokens on a folder, stopping at its end-of-sequence ids as genai does.
-
-    No `min_length` here: genai enforces it by masking the end-of-sequence logits, which turns a real
-    end of answer into the second-best token, so the sequence would no longer be greedy."""
-    runner = GenaiRunner(Path(folder), name="genai", precision="?", provider=provider)
-    og = runner.og
-    params = og.GeneratorParams(runner.model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
-    gen = og.Generator(runner.model, params)
-    gen.append_tokens(np.asarray([list(prompt)], dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(x) for x in gen.get_sequence(0)[len(prompt):]]
-
-
-def genai_eos_ids(folder: Path) -> set[int]:
-    """The end-of-sequence ids genai stops on, from the folder's genai_config.json."""
-    eos = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["eos_token_id"]
-    return set(eos if isinstance(eos, list) else [eos])
-
-
 def build_genai_model(hf_folder: Path, out: Path, *, precision: str, provider: str = "cpu") -> Path:
     """onnxruntime-genai's own export of the same checkpoint (its model builder), cached in `out`."""
     if (out / "genai_config.json").is_file():

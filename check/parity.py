@@ -25,10 +25,10 @@ import numpy as np
 
 from edgellama.errors import EdgellamaError, ModelFolderError
 from edgellama.folder import Manifest
-from edgellama.check import parity_metrics as M
-from edgellama.check import parity_tolerances as T
+from edgellama.check.parity_tolerances import DIRECTION, REASONS, looser, resolve, within
+from edgellama.check.metrics import LOGIT_KEYS, first_divergence, logit_metrics, merge, tensor_metrics
 from edgellama.check.parity_sides import probe_keys
-from edgellama.contract import positions_from_mask
+from edgellama.contract import left_pad, positions_from_mask
 
 SCHEMA = "edgellama.parity"
 SCHEMA_VERSION = 1
@@ -92,14 +92,9 @@ def make_batches(token_ids: list[list[int]], *, pad_id: int) -> list[Batch]:
     """Each prompt alone (batch 1), then all of them as one left-padded batch."""
     batches = []
     for i, row in enumerate(token_ids):
-        batches.append(Batch(f"prompt {i}", [i], np.array([row], np.int64), np.ones((1, len(row)), np.int64)))
+        batches.append(Batch(f"prompt {i}", [i], *left_pad([row], pad_id=pad_id)))
     if len(token_ids) > 1:
-        width = max(map(len, token_ids))
-        ids = np.full((len(token_ids), width), pad_id, np.int64)
-        mask = np.zeros((len(token_ids), width), np.int64)
-        for i, row in enumerate(token_ids):
-            ids[i, width - len(row):] = row
-            mask[i, width - len(row):] = 1
+        ids, mask = left_pad(token_ids, pad_id=pad_id)
         batches.append(Batch("left-padded batch", list(range(len(token_ids))), ids, mask))
     return batches
 
@@ -127,7 +122,7 @@ def teacher_forced(ref: Any, cand: Any, batch: Batch, *, steps: int,
         r_logits, ref_past, r_probes = ref.forward(ids, mask, pos, ref_past, probes=probes)
         c_logits, cand_past, c_probes = cand.forward(ids, mask, pos, cand_past, probes=probes)
         valid = mask[:, -ids.shape[1]:].astype(bool)
-        m = M.logit_metrics(r_logits, c_logits, valid)
+        m = logit_metrics(r_logits, c_logits, valid)
         m["step"], m["positions"] = step, int(valid.sum())
         per_step.append(m)
         if probes:
@@ -140,7 +135,7 @@ def teacher_forced(ref: Any, cand: Any, batch: Batch, *, steps: int,
                 if c.shape != r.shape:
                     continue
                 r2, c2 = r.reshape(r.shape[0], r.shape[1], -1), c.reshape(c.shape[0], c.shape[1], -1)
-                blocks.setdefault(key, []).append(M.tensor_metrics(r2, c2, valid))
+                blocks.setdefault(key, []).append(tensor_metrics(r2, c2, valid))
         nxt = r_logits[:, -1].argmax(-1).astype(np.int64)
         tokens.append(nxt)
         if step == steps:
@@ -148,10 +143,10 @@ def teacher_forced(ref: Any, cand: Any, batch: Batch, *, steps: int,
         ids = nxt[:, None]
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
     kv_valid = mask.astype(bool)
-    kv = M.merge([M.tensor_metrics(_kv_view(rk), _kv_view(ck), kv_valid) for (rk, rv), (ck, cv) in
+    kv = merge([tensor_metrics(_kv_view(rk), _kv_view(ck), kv_valid) for (rk, rv), (ck, cv) in
                   zip(ref_past, cand_past) for rk, ck in ((rk, ck), (rv, cv))]) if ref_past else {}
     return {"per_step": per_step, "kv": kv, "tokens": np.stack(tokens, axis=1),
-            "blocks": {k: M.merge(v) for k, v in blocks.items()}}
+            "blocks": {k: merge(v) for k, v in blocks.items()}}
 
 
 def free_running(side: Any, batch: Batch, *, steps: int) -> np.ndarray:
@@ -182,8 +177,8 @@ def checks_for(logits: dict[str, float], kv: dict[str, float], greedy_match: flo
     def add(quantity, key, metric, value):
         limit = tol.get(key)
         rows.append({"quantity": quantity, "metric": metric, "tolerance_key": key, "value": value,
-                     "limit": limit, "direction": T.DIRECTION[key], "gated": limit is not None,
-                     "pass": T.within(key, value, limit)})
+                     "limit": limit, "direction": DIRECTION[key], "gated": limit is not None,
+                     "pass": within(key, value, limit)})
 
     for key in LOGIT_CHECKS:
         add("logits", key, key, logits[key])
@@ -225,7 +220,7 @@ def compare(ref: Any, cand: Any, batches: list[Batch], *, steps: int, tol: dict[
     for batch in batches:
         tf = teacher_forced(ref, cand, batch, steps=steps)
         cand_tokens = free_running(cand, batch, steps=steps)
-        logits = M.merge([{k: s[k] for k in M.LOGIT_KEYS} for s in tf["per_step"]],
+        logits = merge([{k: s[k] for k in LOGIT_KEYS} for s in tf["per_step"]],
                          [s["positions"] for s in tf["per_step"]])
         per_batch.append({"batch": batch.label, "logits": logits, "kv": tf["kv"],
                           "steps": [{"step": s["step"], **{k: s[k] for k in ("max_rel", "kl_max", "top1")}}
@@ -236,13 +231,13 @@ def compare(ref: Any, cand: Any, batches: list[Batch], *, steps: int, tol: dict[
         for row, prompt in enumerate(batch.prompts):
             r, c = tf["tokens"][row].tolist(), cand_tokens[row].tolist()
             greedy_rows.append({"batch": batch.label, "prompt": prompt, "reference": r, "candidate": c,
-                                "first_divergence": M.first_divergence(r, c)})
-    logits_prefill = M.merge([{k: s[k] for k in M.LOGIT_KEYS} for s in all_steps if s["step"] == 0],
+                                "first_divergence": first_divergence(r, c)})
+    logits_prefill = merge([{k: s[k] for k in LOGIT_KEYS} for s in all_steps if s["step"] == 0],
                              [s["positions"] for s in all_steps if s["step"] == 0])
     decode = [s for s in all_steps if s["step"] > 0]
-    logits_decode = M.merge([{k: s[k] for k in M.LOGIT_KEYS} for s in decode], [s["positions"] for s in decode])
-    logits_all = M.merge([{k: s[k] for k in M.LOGIT_KEYS} for s in all_steps], [s["positions"] for s in all_steps])
-    kv = M.merge(kvs)
+    logits_decode = merge([{k: s[k] for k in LOGIT_KEYS} for s in decode], [s["positions"] for s in decode])
+    logits_all = merge([{k: s[k] for k in LOGIT_KEYS} for s in all_steps], [s["positions"] for s in all_steps])
+    kv = merge(kvs)
     n = steps + 1
     greedy_match = min(((g["first_divergence"] if g["first_divergence"] is not None else n) / n
                         for g in greedy_rows), default=1.0)
@@ -346,8 +341,8 @@ def run_parity(model: Path | str, *, reference: str = "torch", providers: list[s
         say(f"opening the reference {ref_folder} ({reference_provider})")
         ref_side = OrtSide(ref_folder, provider=reference_provider, threads=threads, verify=False)
         ref_label = str(ref_folder)
-    precision = precision or T.looser(cand_precision, ref_precision)
-    tol = T.resolve(precision, tolerances)
+    precision = precision or looser(cand_precision, ref_precision)
+    tol = resolve(precision, tolerances)
     prompt_list = list(prompts) if prompts else list(DEFAULT_PROMPTS)
     token_ids = encode_prompts(prompt_list, folder=model, config=config)
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
@@ -369,7 +364,7 @@ def run_parity(model: Path | str, *, reference: str = "torch", providers: list[s
         "precision": precision,
         "precisions": {"model": cand_precision, "reference": ref_precision},
         "tolerances": tol,
-        "tolerance_reason": T.REASONS[precision],
+        "tolerance_reason": REASONS[precision],
         "decode_steps": decode_steps,
         "prompts": prompt_list,
         "prompt_tokens": [len(t) for t in token_ids],

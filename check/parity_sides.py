@@ -11,11 +11,13 @@ a probe key (see PROBES) to that block's output [B, S, F] when the side was open
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgellama import contract
+from edgellama.errors import RuntimeInputError
 
 # Per-layer blocks in execution order: (key, op kind shown to users, torch module path under the layer).
 LAYER_PROBES = (
@@ -61,8 +63,8 @@ class TorchSide:
 
     def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.config
-        shape = (batch, c.num_key_value_heads, 0, c.head_dim)
-        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(c.num_hidden_layers)]
+        return contract.pairs(contract.empty_past(batch=batch, n_layers=c.num_hidden_layers,
+                                                  kv_heads=c.num_key_value_heads, head_dim=c.head_dim))
 
     def forward(self, input_ids, attention_mask, position_ids, past, *, probes: bool = False):
         torch = self.torch
@@ -170,6 +172,26 @@ def find_probe_values(graph: Any, n_layers: int) -> dict[str, tuple[str, str]]:
     return out
 
 
+def with_outputs(folder: Path, names: list[str], *, proto: Any = None, **session: Any) -> Any:
+    """The folder on an OrtModel whose graph also outputs the values `names` (node outputs or inputs
+    of the main graph). The graph is edited in memory; nothing is written into the folder.
+    `session` goes to OrtModel (provider, threads, verify, ...)."""
+    import onnx
+
+    from edgellama import folder as model_folder
+    from edgellama.runtime.session import OrtModel
+
+    proto = proto if proto is not None else model_folder.load_model_proto(folder, with_weights=False)
+    names = list(dict.fromkeys(names))
+    known = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise RuntimeInputError(f"{folder}: no value named {', '.join(map(repr, missing))} in the main graph")
+    present = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return OrtModel(folder, proto=proto, **session)
+
+
 class OrtSide:
     """An exported model folder on one ONNX Runtime provider (runtime/session.py's OrtModel)."""
 
@@ -183,7 +205,6 @@ class OrtSide:
         self.provider = provider
         self.threads = threads
         self.label = label or f"{self.folder.name} ({provider})"
-        self._model_cls = OrtModel
         # run_parity verified the folder's hashes once already; the probe session reuses that.
         self.model = OrtModel(self.folder, provider=provider, threads=threads, verify=verify)
         self.manifest = self.model.manifest
@@ -192,8 +213,8 @@ class OrtSide:
         self.probe_names: dict[str, str] = {}
         self._probe_values: dict[str, str] = {}
 
-    def empty_past(self, batch: int):
-        return [(np.asarray(k), np.asarray(v)) for k, v in _pairs(self.model.empty_past(batch))]
+    def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return contract.pairs(self.model.empty_past(batch))
 
     def _open_probes(self) -> None:
         from edgellama import folder as model_folder
@@ -202,34 +223,18 @@ class OrtSide:
         found = find_probe_values(proto.graph, self.config.num_hidden_layers)
         self._probe_values = {k: v for k, (v, _) in found.items()}
         self.probe_names = {k: n for k, (_, n) in found.items()}
-        self._probe_model = self._model_cls(self.folder, provider=self.provider, threads=self.threads, verify=False,
-                                            extra_outputs=sorted(set(self._probe_values.values())))
+        self._probe_model = with_outputs(self.folder, sorted(set(self._probe_values.values())), proto=proto,
+                                         provider=self.provider, threads=self.threads, verify=False)
 
     def forward(self, input_ids, attention_mask, position_ids, past, *, probes: bool = False):
         if probes and self._probe_model is None:
             self._open_probes()
         model = self._probe_model if probes else self.model
-        dtype = self.model.kv_dtype
-        past = [(np.ascontiguousarray(k, dtype=dtype), np.ascontiguousarray(v, dtype=dtype)) for k, v in past]
-        logits, present, extra = model.forward(np.ascontiguousarray(input_ids, dtype=np.int64),
-                                               np.ascontiguousarray(attention_mask, dtype=np.int64),
-                                               np.ascontiguousarray(position_ids, dtype=np.int64), past)
+        # OrtModel.forward casts the inputs and the past (to its kv_dtype) itself.
+        logits, present, extra = model.forward(input_ids, attention_mask, position_ids, past)
         captured = {}
         if probes:
             for key, value in self._probe_values.items():
-                if value in (extra or {}):
+                if value in extra:
                     captured[key] = np.asarray(extra[value], dtype=np.float32)
-        return np.asarray(logits, dtype=np.float32), [(np.asarray(k), np.asarray(v)) for k, v in _pairs(present)], captured
-
-
-def _pairs(past: Any) -> list[tuple[Any, Any]]:
-    """Accept a list of (key, value) pairs or a flat list [k0, v0, k1, v1, ...] or a name -> array dict."""
-    if isinstance(past, dict):
-        layers = sorted({int(m.group(1)) for name in past if (m := re.search(r"\.(\d+)\.", name))})
-        def get(i, kind):
-            return next(v for n, v in past.items() if f".{i}.{kind}" in n)
-        return [(get(i, "key"), get(i, "value")) for i in layers]
-    past = list(past)
-    if past and not isinstance(past[0], (tuple, list)):
-        return list(zip(past[0::2], past[1::2]))
-    return [tuple(p) for p in past]
+        return np.asarray(logits, dtype=np.float32), contract.pairs(present), captured

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import json
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from edgellama import contract
+from edgellama.check.metrics import kl_of_logprobs, log_softmax
 from edgellama.errors import RuntimeInputError
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
@@ -90,35 +91,7 @@ def make_windows(ids: Sequence[int], *, window: int, bos_id: int | None) -> list
     return out
 
 
-# -- metrics ------------------------------------------------------------------------------------------
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
-    """exp(mean -log softmax(logits)[target]) over positions; logits [N, V], targets [N]."""
-    logp = log_softmax(logits)
-    return float(np.exp(-logp[np.arange(len(targets)), targets].mean()))
-
-
-def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(p) || softmax(q)) per position [N], in nats."""
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return _kl(lp, lq)
-
-
-def _kl(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
-    # clamp: rounding can give -1e-17 for identical distributions
-    return np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0)
-
-
-def top1_agreement(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    """Fraction of positions where argmax p == argmax q."""
-    return float((np.argmax(p_logits, -1) == np.argmax(q_logits, -1)).mean())
-
-
+# -- scores -------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Scores:
     """One candidate over the evaluation windows; kl_mean / top1 are None without a reference."""
@@ -161,7 +134,7 @@ def evaluate(fn: LogitsFn, windows: Sequence[np.ndarray], *, reference: Sequence
         n += len(targets)
         if reference is not None:
             lp = reference[w]
-            kl += float(_kl(lp, lq).sum())
+            kl += float(kl_of_logprobs(lp, lq).sum())
             hits += int((lp.argmax(-1) == lq.argmax(-1)).sum())
         if kept is not None:
             kept.append(lq)
@@ -197,10 +170,11 @@ def torch_logits_fn(model: Any) -> LogitsFn:
     import torch
 
     def run(ids: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        mask = np.ones_like(ids, dtype=np.int64)
+        t = torch.from_numpy
         with torch.inference_mode():
-            logits, _ = model(t, torch.ones_like(t), torch.arange(t.shape[1])[None].expand_as(t).contiguous(),
-                              model.empty_cache(t.shape[0]))
+            logits, _ = model(t(np.ascontiguousarray(ids, dtype=np.int64)), t(mask),
+                              t(contract.positions_from_mask(mask)), model.empty_cache(ids.shape[0]))
         return logits.float().numpy()
 
     return run
@@ -208,33 +182,31 @@ def torch_logits_fn(model: Any) -> LogitsFn:
 
 def ort_logits_fn(model_path: str | Path, *, num_kv_heads: int, head_dim: int, threads: int | None = None) -> LogitsFn:
     """A plain onnxruntime CPU session as a LogitsFn, for our folders and onnxruntime-genai's builder
-    output alike: attention_mask of ones, position_ids (when the graph has it) 0..S-1, every
-    `past_key_values.*` input empty [1, kv_heads, 0, head_dim] in the input's own dtype."""
+    output alike: attention_mask of ones, position_ids (when the graph has it) from that mask, every
+    `past_key_values.*` input empty [1, kv_heads, 0, head_dim]."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+    from edgellama.runtime.session import session_options
+
+    sess = ort.InferenceSession(str(model_path), session_options(threads=threads), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in sess.get_inputs()}
-    unknown = [n for n in inputs if n not in ("input_ids", "attention_mask", "position_ids")
-               and not n.startswith("past_key_values.")]
-    if unknown or "input_ids" not in inputs:
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    unknown = [n for n in inputs if n not in (contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS)
+               and n not in past]
+    if unknown or contract.INPUT_IDS not in inputs:
         raise RuntimeInputError(f"{model_path}: unexpected graph inputs {unknown or list(inputs)}")
+    # A bare graph (the builder's output has no manifest): its declared past type is the only
+    # record of its KV dtype.
+    kv_dtype = np.float16 if past and inputs[past[0]].type == "tensor(float16)" else np.float32
 
     def run(ids: np.ndarray) -> np.ndarray:
-        b, s = ids.shape
-        feed: dict[str, np.ndarray] = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
-        if "attention_mask" in inputs:
-            feed["attention_mask"] = np.ones((b, s), dtype=np.int64)
-        if "position_ids" in inputs:
-            feed["position_ids"] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
-        for name, arg in inputs.items():
-            if name.startswith("past_key_values."):
-                feed[name] = np.zeros((b, num_kv_heads, 0, head_dim), dtype=dtypes[arg.type])
-        return sess.run(["logits"], feed)[0]
+        mask = np.ones_like(ids, dtype=np.int64)
+        feed = {contract.INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
+                contract.ATTENTION_MASK: mask, contract.POSITION_IDS: contract.positions_from_mask(mask)}
+        empty = contract.empty_past(batch=ids.shape[0], n_layers=len(past) // 2, kv_heads=num_kv_heads,
+                                    head_dim=head_dim, dtype=kv_dtype)
+        feed.update(zip(past, empty))    # every past input is alike: empty, [B, kv_heads, 0, head_dim]
+        return sess.run([contract.LOGITS], {k: v for k, v in feed.items() if k in inputs})[0]
 
     return run
 
@@ -268,7 +240,7 @@ def gguf_steps(path: str | Path) -> dict[str, np.ndarray]:
     with attn_q / attn_k rows un-permuted exactly as the loader un-permutes the weights."""
     import gguf
 
-    from edgellama.export import gguf_source as gs
+    from edgellama.export.gguf_source import hf_weight_name, unpermute_rows
 
     reader = gguf.GGUFReader(str(path))
     heads = int(reader.fields["llama.attention.head_count"].contents())
@@ -278,13 +250,14 @@ def gguf_steps(path: str | Path) -> dict[str, np.ndarray]:
     for t in reader.tensors:
         if t.tensor_type.name not in ("Q4_1", "Q8_0"):
             continue
-        m = gs._LAYER.match(t.name)
-        name = f"model.layers.{m.group(1)}.{gs._LAYER_NAMES[m.group(2)]}.weight" if m else gs._TOP_NAMES[t.name]
+        name = hf_weight_name(t.name)
+        if name is None:
+            raise ValueError(f"{path}: {t.name} is not a weight of a llama model")
         step = block_steps(t.data, t.tensor_type.name)
-        if m and m.group(2) == "attn_q":
-            step = gs.unpermute_rows(step, heads)
-        elif m and m.group(2) == "attn_k":
-            step = gs.unpermute_rows(step, kv_heads)
+        if name.endswith("self_attn.q_proj.weight"):
+            step = unpermute_rows(step, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            step = unpermute_rows(step, kv_heads)
         out[name] = step
     return out
 
@@ -309,31 +282,13 @@ def degrid(weights: dict[str, Any], steps: dict[str, np.ndarray], *, seed: int =
     return out
 
 
-def write_hf_folder(config: Any, weights: dict[str, Any], tokenizer: Any, out: str | Path, *,
-                    note: str = "") -> Path:
-    """A folder transformers, edgellama's HF source and onnxruntime-genai's builder read:
-    config.json (`LlamaConfig.to_hf`), generation_config.json, model.safetensors (fp32), tokenizer."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf = config.to_hf()
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    tensors = {k: v.float().contiguous() for k, v in weights.items()
-               if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "edgellama_note": note})
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
-
-
 def degrid_gguf(gguf_path: str | Path, out: str | Path, *, seed: int = 0) -> Path:
     """Write the de-gridded copy of a Q4_1/Q8_0 llama GGUF as an HF folder (see `degrid`)."""
-    from edgellama.export.sources import load_source
+    from edgellama.export.sources import save_hf_folder
 
-    config, weights, tokenizer, _ = load_source(str(gguf_path))
-    noisy = degrid(weights, gguf_steps(gguf_path), seed=seed)
-    return write_hf_folder(config, noisy, tokenizer, out,
-                           note=f"de-gridded {Path(gguf_path).name}: U(-d/2, d/2) per weight, seed {seed}")
+    steps = gguf_steps(gguf_path)
+    out = save_hf_folder(str(gguf_path), out, transform=lambda weights: degrid(weights, steps, seed=seed))
+    # The folder's safetensors name the source GGUF; this says how the copy differs from it.
+    (Path(out) / "DEGRID.txt").write_text(f"de-gridded {Path(gguf_path).name}: U(-d/2, d/2) per weight, "
+                                          f"seed {seed}\n", encoding="utf-8")
+    return out

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from edgellama import contract
 from edgellama.errors import ModelFolderError, RuntimeInputError
 from edgellama.runtime import kv_loop
 from edgellama.runtime.sampling import SamplingParams, next_tokens
@@ -77,10 +78,8 @@ class Generator:
     @property
     def tokenizer_or_none(self) -> Any:
         if self._tokenizer is None:
-            try:
-                from edgellama.tokenizer import Tokenizer
-            except ImportError:
-                return None
+            from edgellama.tokenizer import Tokenizer
+
             try:
                 self._tokenizer = Tokenizer.from_folder(self.model.folder)
             except Exception:  # noqa: BLE001 - a folder without tokenizer files still runs token ids
@@ -204,14 +203,9 @@ class _Call:
     def steps(self) -> Iterator[np.ndarray]:
         """Yield each step's chosen tokens [B] until every row stopped or the length cap is reached."""
         gen, model = self.gen, self.gen.model
-        b, longest = len(self.rows), max(len(r) for r in self.rows)
-        ids = np.full((b, longest), gen.pad_id, dtype=np.int64)
-        mask = np.zeros((b, longest), dtype=np.int64)
-        for i, r in enumerate(self.rows):            # left padding
-            ids[i, longest - len(r):] = r
-            mask[i, longest - len(r):] = 1
-        pos = np.cumsum(mask, axis=1) - 1
-        pos[mask == 0] = 1
+        b = len(self.rows)
+        ids, mask = contract.left_pad(self.rows, pad_id=gen.pad_id)
+        pos = contract.positions_from_mask(mask)
         loop = kv_loop.make_loop(model, b, mode=gen.loop_mode)
         start = time.perf_counter()
         tokens = next_tokens(loop.step(ids, mask, pos), self.params, self.rng)

@@ -106,16 +106,15 @@ def _stderr_notice(text: str) -> None:
 class OrtModel:
     """An exported model folder on one ONNX Runtime session.
 
-    `extra_outputs` names intermediate values (node outputs of the main graph) to expose as
-    extra graph outputs; parity uses it to read block outputs. The graph is then edited in
-    memory and the session built from bytes, with ONNX Runtime told where the external weights
-    live (`session.model_external_initializers_file_folder_path`): nothing is ever written into
-    the model folder.
+    `proto` runs a ModelProto in place of the folder's model.onnx (a graph edited in memory, its
+    weights still external in the folder): ONNX Runtime is told where they live
+    (`session.model_external_initializers_file_folder_path`), so nothing is written into the folder.
+    Graph outputs beyond the contract come back from `forward` by name.
     """
 
     def __init__(self, folder: str | Path, *, provider: str = "auto", strict: bool | None = None,
-                 threads: int | None = None, extra_outputs: Sequence[str] = (), verify: bool = True,
-                 optimization: str = "all", session_config: dict[str, str] | None = None):
+                 threads: int | None = None, verify: bool = True, optimization: str = "all",
+                 session_config: dict[str, str] | None = None, proto: Any = None):
         ort = _ort()
         self.folder = Path(folder)
         if verify:
@@ -126,9 +125,12 @@ class OrtModel:
             self.config = LlamaConfig.from_dict(self.manifest.config)
         except (KeyError, TypeError) as e:
             raise ModelFolderError(f"{self.folder}: the manifest has no usable config ({e})") from None
-        # Reads model.onnx without weights: refuses external data outside the folder, and is the
-        # graph we edit for extra outputs.
-        proto = model_folder.load_model_proto(self.folder, with_weights=False)
+        # model.onnx is untrusted input: its external data must stay inside the folder, whichever
+        # graph runs.
+        if proto is None:
+            model_folder.load_model_proto(self.folder, with_weights=False)
+        else:
+            model_folder.check_external_data(proto, self.folder)
         self.provider = resolve_provider(provider)
         self.strict = (self.provider == "cuda") if strict is None else bool(strict)
         self.threads = threads
@@ -137,28 +139,14 @@ class OrtModel:
         providers = [_ORT_PROVIDER[self.provider]]
         if self.provider == "cuda" and not self.strict:
             providers.append("CPUExecutionProvider")
-        self.extra_outputs = list(dict.fromkeys(extra_outputs))
         try:
-            if self.extra_outputs:
-                known = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
-                missing = [n for n in self.extra_outputs if n not in known]
-                if missing:
-                    raise RuntimeInputError(f"{self.folder}: no value named {', '.join(map(repr, missing))} "
-                                            "in the main graph")
-                import onnx
-
-                present = {o.name for o in proto.graph.output}
-                for name in self.extra_outputs:
-                    if name not in present:
-                        proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            if proto is not None:
                 opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                               str(self.folder.resolve()))
                 self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
             else:
                 self.session = ort.InferenceSession(str(self.folder / model_folder.MODEL), opts,
                                                     providers=providers)
-        except RuntimeInputError:
-            raise
         except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if self.provider == "cuda" and "fallback" in first.lower():
@@ -183,8 +171,8 @@ class OrtModel:
             raise ModelFolderError(f"{self.folder}: model.onnx does not follow the edgellama graph contract "
                                    f"(missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
         self.input_names = list(inputs)
-        self.output_names = ["logits", *self.present_names, *[o for o in self.extra_outputs if o not in
-                                                               ("logits", *self.present_names)]]
+        contract_outputs = [contract.LOGITS, *self.present_names]
+        self.output_names = contract_outputs + [o for o in outputs if o not in contract_outputs]
         kv_type = inputs[self.past_names[0]].type
         dtype = _NP_DTYPES.get(kv_type)
         if dtype is None:
@@ -225,7 +213,7 @@ class OrtModel:
     # -- plain numpy forward ----------------------------------------------------------------------------
     def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any,
                 past: Sequence[Any]) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
-        """One call of the graph: (logits [B, S, V], present [k0, v0, ...], extra outputs by name).
+        """One call of the graph: (logits [B, S, V], present [k0, v0, ...], other graph outputs by name).
 
         `past` is the flat list [k0, v0, k1, v1, ...] (or (key, value) pairs), as `empty_past` and
         the previous call's `present` give it.

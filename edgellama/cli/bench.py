@@ -16,17 +16,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgellama.runtime.kv_loop import MODES
+from edgellama.runtime.session import PROVIDERS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", type=Path)
-    p.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--provider", default="cpu", choices=PROVIDERS)
     p.add_argument("--against", default="", metavar="LIST",
                    help="comma-separated: torch, genai (builder export), genai-folder (genai on MODEL)")
     p.add_argument("--prompt-tokens", type=int, default=64, metavar="N")
     p.add_argument("--new-tokens", type=int, default=128, metavar="N")
     p.add_argument("--runs", type=int, default=3, metavar="N")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every runner (default: all)")
-    p.add_argument("--loop", default=None, choices=["numpy", "ortvalue", "iobinding", "all"],
+    p.add_argument("--loop", default=None, choices=[*MODES, "all"],
                    help="edgellama's KV loop (default: the provider's best; 'all' runs each)")
     p.add_argument("--genai-dir", type=Path, default=None,
                    help="where onnxruntime-genai's builder output is kept between runs (default: a temp folder)")
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             raise EdgellamaError("--plot needs matplotlib (pip install matplotlib)") from None
     say = (lambda s: None) if args.quiet else (lambda s: print(f"[edgellama] {s}", file=sys.stderr, flush=True))
     provider = resolve_provider(args.provider)
-    loops = ["numpy", "ortvalue", "iobinding"] if args.loop == "all" else [args.loop]
+    loops = list(MODES) if args.loop == "all" else [args.loop]
     runners = [bench.OursRunner(args.model, provider=provider, threads=args.threads, loop=loop) for loop in loops]
     config = runners[0].gen.config
     precision = runners[0].precision
@@ -97,11 +100,8 @@ def _genai_builder_output(args, bench, precision: str, provider: str, tmp: Path,
     out = Path(base) / f"{Path(spec).name}-{precision}-{provider}"
     if (out / "genai_config.json").is_file():
         return out
-    try:
-        from edgellama.export.sources import save_hf_folder
-    except ImportError:
-        raise EdgellamaError("comparing with onnxruntime-genai's builder needs edgellama.export.sources."
-                             "save_hf_folder, which this installation lacks") from None
+    from edgellama.export.sources import save_hf_folder
+
     hf = Path(base) / f"{Path(spec).name}-hf"
     if not (hf / "config.json").is_file():
         say(f"writing {spec} as a Hugging Face folder for onnxruntime-genai's builder")

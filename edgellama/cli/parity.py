@@ -45,12 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON (docs/parity-schema.md)")
     p.add_argument("--markdown", type=Path, metavar="FILE",
                    help="append a markdown summary, e.g. --markdown \"$GITHUB_STEP_SUMMARY\"")
-    p.add_argument("--quiet", action="store_true", help="no progress lines and no table (exit status only)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines and no table (exit status, and one line on stderr when it fails)")
 
 
 def run(args: argparse.Namespace) -> int:
     from edgellama.check import parity, parity_report
     from edgellama.check.parity_tolerances import parse_overrides
+    from edgellama.errors import CheckFailed
 
     overrides = parse_overrides(args.tolerance)
     prompts = parity.read_prompts(args.prompts) if args.prompts else None
@@ -67,4 +69,7 @@ def run(args: argparse.Namespace) -> int:
     parity_report.write(report, json_path=args.json, markdown_path=args.markdown)
     if not args.quiet:
         print(parity_report.to_text(report))
-    return 0 if parity.report_passed(report) else 1
+    if not parity.report_passed(report):
+        failed = [c["provider"] for c in report["comparisons"] if c["status"] != "pass"]
+        raise CheckFailed(f"{args.model} against {report['reference']}: parity failed on {', '.join(failed)}")
+    return 0

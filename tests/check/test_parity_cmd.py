@@ -57,10 +57,7 @@ def perturb(src, dst, *, layer: int, block: str, scale: float = 0.5):
         value = np.frombuffer(f.read(4), np.float32)[0]
         f.seek(offset + 4 * 7)
         f.write(np.float32(value + scale).tobytes())
-    manifest = json.loads((dst / F.MANIFEST).read_text())
-    for key in ("files", "format_version"):
-        manifest.pop(key, None)
-    F.write_manifest(dst, manifest)
+    F.write_manifest(dst, F.read_manifest(dst))
     return dst
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgellama.errors import EdgellamaError
-from edgellama.check import parity_metrics as M
+from edgellama.check import metrics as M
 from edgellama.check import parity_report as R
 from edgellama.check import parity_tolerances as T
 from edgellama.check.parity import checks_for, make_batches

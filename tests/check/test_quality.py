@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgellama.check import metrics
 from edgellama.check import quality as q
 
 
@@ -12,38 +13,52 @@ def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The reference formula: exp(mean -log softmax(logits)[target]); logits [N, V], targets [N]."""
+    x = logits - logits.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(targets)), targets].mean()))
+
+
+def _evaluated_perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
+    """evaluate's perplexity of one window whose position t has `logits[t]` and predicts `targets[t]`."""
+    ids = np.concatenate([[0], targets])[None].astype(np.int64)
+    rows = np.concatenate([logits, np.zeros((1, logits.shape[1]))])[None]  # the last position predicts nothing
+    return q.evaluate(lambda _: rows, [ids]).scores.ppl
+
+
 # -- metrics -----------------------------------------------------------------------------------------
 def test_perplexity_of_known_distributions():
     v = 50
     targets = _rng().integers(0, v, size=20)
-    assert q.perplexity(np.zeros((20, v)), targets) == pytest.approx(v)
+    assert _evaluated_perplexity(np.zeros((20, v)), targets) == pytest.approx(v)
     # the target always gets probability 1/4: perplexity 4, whatever the rest of the row holds
     logits = np.full((20, v), -np.inf)
     logits[np.arange(20), targets] = 0.0
     logits[np.arange(20), (targets + 1) % v] = np.log(3.0)
-    assert q.perplexity(logits, targets) == pytest.approx(4.0)
+    assert _evaluated_perplexity(logits, targets) == pytest.approx(4.0)
 
 
 def test_kl_zero_for_identical_positive_otherwise():
     a = _rng(1).standard_normal((8, 30)) * 3
-    assert np.allclose(q.kl_divergence(a, a), 0.0, atol=1e-12)
-    assert np.allclose(q.kl_divergence(a, a + 5.0), 0.0, atol=1e-12)  # logits shift: same distribution
+    assert np.allclose(metrics.kl_divergence(a, a), 0.0, atol=1e-12)
+    assert np.allclose(metrics.kl_divergence(a, a + 5.0), 0.0, atol=1e-12)  # logits shift: same distribution
     b = a + _rng(2).standard_normal((8, 30))
-    kl = q.kl_divergence(a, b)
+    kl = metrics.kl_divergence(a, b)
     assert kl.shape == (8,) and (kl > 1e-4).all()
     # two-point check against the closed form: P = (1/2, 1/2), Q = (1/4, 3/4)
     p, r = np.log([[0.5, 0.5]]), np.log([[0.25, 0.75]])
     want = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
-    assert q.kl_divergence(p, r)[0] == pytest.approx(want)
-    assert q.kl_divergence(r, p)[0] != pytest.approx(want)  # not symmetric: P is the reference
+    assert metrics.kl_divergence(p, r)[0] == pytest.approx(want)
+    assert metrics.kl_divergence(r, p)[0] != pytest.approx(want)  # not symmetric: P is the reference
 
 
 def test_top1_agreement():
     a = np.eye(4)
     b = np.eye(4)
     b[3] = [1, 0, 0, 0]
-    assert q.top1_agreement(a, a) == 1.0
-    assert q.top1_agreement(a, b) == 0.75
+    assert metrics.top1_agreement(a, a) == 1.0
+    assert metrics.top1_agreement(a, b) == 0.75
 
 
 # -- windows and evaluate ---------------------------------------------------------------------------
@@ -68,13 +83,13 @@ def test_evaluate_against_reference():
     assert ref.scores.tokens == 100 and ref.scores.kl_mean is None and len(ref.logprobs) == len(wins)
     targets = np.concatenate([w[0, 1:] for w in wins])
     inputs = np.concatenate([w[0, :-1] for w in wins])
-    assert ref.scores.ppl == pytest.approx(q.perplexity(table[inputs], targets))
+    assert ref.scores.ppl == pytest.approx(_perplexity(table[inputs], targets))
     same = q.evaluate(_bigram_fn(table.astype(np.float32)), wins, reference=ref.logprobs)
     assert same.scores.kl_mean < 1e-10 and same.scores.top1 == 1.0
     noisy = table + _rng(5).standard_normal(table.shape)
     other = q.evaluate(_bigram_fn(noisy), wins, reference=ref.logprobs)
-    assert other.scores.kl_mean == pytest.approx(q.kl_divergence(table[inputs], noisy[inputs]).mean())
-    assert other.scores.top1 == pytest.approx(q.top1_agreement(table[inputs], noisy[inputs]))
+    assert other.scores.kl_mean == pytest.approx(metrics.kl_divergence(table[inputs], noisy[inputs]).mean())
+    assert other.scores.top1 == pytest.approx(metrics.top1_agreement(table[inputs], noisy[inputs]))
     assert other.scores.top1 < 1.0
 
 

@@ -1,4 +1,4 @@
-"""runtime/session.py: folder checks, provider choice, the numpy forward, extra outputs, typed errors.
+"""runtime/session.py: folder checks, provider choice, the numpy forward, typed errors.
 
 A hand-built toy graph that follows the graph contract (standard ONNX ops only) keeps these tests
 independent of the exporter: logits = (embed(ids) + masked sum of all cached keys) @ W.
@@ -50,19 +50,6 @@ def test_past_as_pairs_is_accepted(toy):
     a = m.forward(ids, mask, pos, flat)[0]
     b = m.forward(ids, mask, pos, pairs)[0]
     np.testing.assert_array_equal(a, b)
-
-
-def test_extra_outputs_expose_intermediate_values_without_touching_the_folder(toy):
-    before = sorted(p.name for p in toy.iterdir())
-    m = S.OrtModel(toy, provider="cpu", extra_outputs=["h0", "x"])
-    ids, mask = np.array([[3, 4]]), np.ones((1, 2), np.int64)
-    logits, _, extra = m.forward(ids, mask, np.arange(2)[None], m.empty_past(1))
-    assert set(extra) == {"h0", "x"}
-    emb = extra["x"]
-    np.testing.assert_allclose(extra["h0"], emb + emb.sum(axis=1, keepdims=True), rtol=1e-6)
-    assert sorted(p.name for p in toy.iterdir()) == before
-    with pytest.raises(RuntimeInputError, match="no value named 'nope'"):
-        S.OrtModel(toy, provider="cpu", extra_outputs=["nope"])
 
 
 def test_bad_token_ids_and_positions_are_typed_errors(toy):

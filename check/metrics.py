@@ -1,4 +1,5 @@
-"""Parity metrics: numerical error of tensors and LLM-aware agreement of next-token distributions.
+"""Numerical error of tensors and agreement of next-token distributions: the one home of the
+metrics parity gates and quality reports (KL, top-1, log-softmax).
 
 Everything is computed in float64 numpy over the *valid* positions only (a boolean mask picks
 them), because left-padded rows carry values no caller ever reads: counting them would fail a
@@ -62,9 +63,26 @@ def tensor_metrics(ref: np.ndarray, got: np.ndarray, valid: np.ndarray | None = 
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
     x = np.asarray(x, dtype=np.float64)
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def kl_of_logprobs(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """KL(P || Q) per position [...], in nats, of log-probabilities [..., V]."""
+    # clamped: rounding can give -1e-17 for identical distributions
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0)
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(p) || softmax(q)) per position [...], in nats."""
+    return kl_of_logprobs(log_softmax(p_logits), log_softmax(q_logits))
+
+
+def top1_agreement(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Fraction of positions where argmax p == argmax q."""
+    return float((np.argmax(p_logits, -1) == np.argmax(q_logits, -1)).mean())
 
 
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
@@ -84,13 +102,11 @@ def logit_metrics(ref: np.ndarray, got: np.ndarray, valid: np.ndarray | None = N
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return {**out, "kl_mean": float("inf"), "kl_max": float("inf"), "top1": 0.0, "top5": 0.0,
                 "top1_in_top5": 0.0}
-    lp, lq = log_softmax(a), log_softmax(b)
-    kl = np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0)   # rounding can make ~0 slightly negative
-    ta, tb = a.argmax(-1), b.argmax(-1)
+    kl = kl_divergence(a, b)
     k5a, k5b = _topk(a, 5), _topk(b, 5)
     overlap = (k5a[:, :, None] == k5b[:, None, :]).any(-1).sum(-1) / k5a.shape[-1]
-    in5 = (k5b == ta[:, None]).any(-1)
-    return {**out, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1": float((ta == tb).mean()),
+    in5 = (k5b == a.argmax(-1)[:, None]).any(-1)
+    return {**out, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1": top1_agreement(a, b),
             "top5": float(overlap.mean()), "top1_in_top5": float(in5.mean())}
 
 

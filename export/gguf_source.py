@@ -172,6 +172,15 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def hf_weight_name(gguf_name: str) -> str | None:
+    """The transformers name of a llama GGUF tensor (`blk.3.attn_q.weight` ->
+    `model.layers.3.self_attn.q_proj.weight`); None for a tensor that is no weight of the model."""
+    m = _LAYER.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return _TOP_NAMES.get(gguf_name)
+
+
 def _weights(tensors: dict[str, Any], config: LlamaConfig, path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     unknown = []
@@ -219,10 +228,8 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
         return _sentencepiece_tokenizer(reader, meta, path)
     if kind != "gpt2" or "tokenizer.ggml.merges" not in reader.fields:
         return None
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
-
-    from edgellama.tokenizer import Tokenizer
 
     tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
     merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
@@ -247,23 +254,9 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     else:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    # control tokens stay whole and are skipped on decode; user-defined ones stay whole but are text.
     # A "control" token spelled outside the byte alphabet is a converter mislabel transformers skips.
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet])
-    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
-    if user:
-        backend.add_tokens(user)
-
-    def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
-
-    bos = token("bos_token_id")
-    _add_bos(backend, bos, meta.get("tokenizer.ggml.add_bos_token", False))
-    return Tokenizer(backend, chat_template=meta.get("tokenizer.chat_template"), bos_token=bos,
-                     eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
-                     unk_token=token("unknown_token_id"))
+    control = [t for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
+    return _wrap_backend(backend, meta, tokens, types, control=control, add_bos=False)
 
 
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -283,10 +276,8 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 def _sentencepiece_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     """transformers' `LlamaTokenizer` over a GGUF vocabulary: BPE with byte fallback, a "▁" prefix
     on the first word, control tokens special."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
-
-    from edgellama.tokenizer import Tokenizer
 
     fields = reader.fields
     tokens = list(fields["tokenizer.ggml.tokens"].contents())
@@ -306,8 +297,21 @@ def _sentencepiece_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> A
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(content=" ", left=1)])
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t, k in zip(tokens, types) if k == _CONTROL])
+    control = [t for t, k in zip(tokens, types) if k == _CONTROL]
+    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise (so does transformers)
+    return _wrap_backend(backend, meta, tokens, types, control=control, add_bos=True)
+
+
+def _wrap_backend(backend: Any, meta: dict[str, Any], tokens: list[str], types: list[int], *,
+                  control: list[str], add_bos: bool) -> Any:
+    """The Tokenizer over a GGUF vocabulary's backend: control tokens stay whole and are skipped on
+    decode, user-defined ones stay whole but are text; BOS prepended when the file (or `add_bos`,
+    the vocabulary kind's default) asks for it."""
+    from tokenizers import AddedToken
+
+    from edgellama.tokenizer import Tokenizer
+
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
     if user:
         backend.add_tokens(user)
@@ -316,8 +320,7 @@ def _sentencepiece_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> A
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise (so does transformers)
-    _add_bos(backend, token("bos_token_id"), meta.get("tokenizer.ggml.add_bos_token", True))
+    _add_bos(backend, token("bos_token_id"), meta.get("tokenizer.ggml.add_bos_token", add_bos))
     return Tokenizer(backend, chat_template=meta.get("tokenizer.chat_template"), bos_token=token("bos_token_id"),
                      eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
                      unk_token=token("unknown_token_id"))

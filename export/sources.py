@@ -96,12 +96,15 @@ def load_tokenizer(source: str | Path) -> Any:
     return load_source(spec)[2]  # the same errors load_source gives for what it cannot read
 
 
-def save_hf_folder(source: str | Path, out: str | Path) -> Path:
+def save_hf_folder(source: str | Path, out: str | Path, *, transform: Any = None) -> Path:
     """Write a folder transformers' `LlamaForCausalLM.from_pretrained` and `AutoTokenizer` load:
-    config.json (`LlamaConfig.to_hf`, no quantization_config), model.safetensors (fp32), tokenizer files."""
+    config.json (`LlamaConfig.to_hf`, no quantization_config), model.safetensors (fp32), tokenizer files.
+    `transform` maps the source's {name: tensor} to the weights written (a modified copy of the source)."""
     from safetensors.torch import save_file
 
     config, weights, tokenizer, info = load_source(source)
+    if transform is not None:
+        weights = transform(weights)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf = config.to_hf()
@@ -255,15 +258,14 @@ _HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) within the process."""
+    """`sha256_file`, remembered per (path, size, mtime) within the process: a parity check reloads
+    the same multi-GB source and would hash it again."""
+    from edgellama.folder import sha256_file
+
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
+        _HASHES[key] = sha256_file(path)
     return _HASHES[key]
 
 

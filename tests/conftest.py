@@ -29,13 +29,13 @@ def random_llama(seed: int = 0, *, layers: int | None = None, **overrides):
     are not 1 (normal(0, 0.15) everywhere, +1 on the norm scales)."""
     import torch
 
-    from edgellama.export import config as C
-    from edgellama.export import model as M
+    from edgellama.export.config import tiny
+    from edgellama.export.model import Llama
 
     if layers is not None:
         overrides["num_hidden_layers"] = layers
     torch.manual_seed(seed)
-    model = M.Llama(C.tiny(**overrides)).eval()
+    model = Llama(tiny(**overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.15)
@@ -67,15 +67,15 @@ def ort_session(ir_model, folder: Path, *, threads: int = 2, providers=("CPUExec
     """Save `ir_model` into `folder` as a model folder's model files and open it on a bare session."""
     import onnxruntime as ort
 
-    from edgellama import folder as F
+    from edgellama import folder as model_folder
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    F.save_model(ir_model, folder)
+    model_folder.save_model(ir_model, folder)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 4   # tests that provoke kernel errors would also have ORT log them
-    return ort.InferenceSession(str(folder / F.MODEL), opts, providers=list(providers),
+    return ort.InferenceSession(str(folder / model_folder.MODEL), opts, providers=list(providers),
                                 provider_options=provider_options)
 
 
@@ -110,14 +110,14 @@ def teacher_forced(model, loop, ids, mask, steps: int) -> float:
     `steps` decode steps; returns the worst logits difference over real (unpadded) positions."""
     import torch
 
-    from edgellama.export import model as M
+    from edgellama.export.model import positions_from_mask
 
     worst = 0.0
     t_past, o_past = model.empty_cache(ids.shape[0]), loop.empty(ids.shape[0])
     cur, m = ids, mask
     with torch.no_grad():
         for _ in range(steps + 1):
-            tl, t_past = model(cur, m, M.positions_from_mask(m, cur.shape[1]), t_past)
+            tl, t_past = model(cur, m, positions_from_mask(m, cur.shape[1]), t_past)
             ol, o_past = loop.step(cur.numpy(), m.numpy(), o_past)
             valid = m[:, -cur.shape[1]:].bool().numpy()
             worst = max(worst, float(np.abs(ol - tl.float().numpy())[valid].max()))
@@ -138,7 +138,7 @@ def build_toy(folder: Path, *, seed: int = 0) -> Path:
     from onnx import TensorProto, helper, numpy_helper
 
     from edgellama import folder as folder_mod
-    from edgellama.export import config as C
+    from edgellama.export.config import tiny
 
     rng = np.random.default_rng(seed)
     emb = numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "embed")
@@ -174,7 +174,7 @@ def build_toy(folder: Path, *, seed: int = 0) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, folder / folder_mod.MODEL, save_as_external_data=True, location=folder_mod.DATA, size_threshold=64)
-    cfg = C.tiny(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=8, num_hidden_layers=LAYERS,
+    cfg = tiny(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=8, num_hidden_layers=LAYERS,
                  num_attention_heads=1, num_key_value_heads=1, head_dim=HIDDEN, max_position_embeddings=32,
                  eos_token_id=2)
     folder_mod.write_manifest(folder, folder_mod.Manifest(source={"name": "toy"}, config=cfg.to_dict()))

@@ -31,13 +31,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
-        try:
-            mod = _module(name) if only in (None, name) else None
-        except ImportError:  # a subcommand whose issue has not landed yet
-            continue
         if only is not None and name != only:
             sub.add_parser(name)
             continue
+        mod = _module(name)
         doc = (mod.__doc__ or "").strip()
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

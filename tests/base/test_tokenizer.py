@@ -162,8 +162,9 @@ def write_sentencepiece_gguf(path):
     and frequent substrings of some words scored best-first, no merges (they follow from the scores)."""
     from collections import Counter
 
-    gguf = pytest.importorskip("gguf")
-    np = pytest.importorskip("numpy")
+    import gguf
+    import numpy as np
+
     words = ["\u2581" + w for w in "the cat sat on the mat hello world the end tea that then".split()]
     counts = Counter(w[i:j] for w in words for i in range(len(w)) for j in range(i + 2, min(len(w), i + 5) + 1))
     chars = sorted({c for w in words for c in w})

@@ -133,6 +133,7 @@ def test_force_replaces_only_once_the_new_folder_is_whole(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / model_folder.MANIFEST).write_text("{}")       # --force replaces only folders edgellama wrote
     with pytest.raises(RuntimeError):
         with model_folder.staged_folder(out, force=True) as tmp:
             (tmp / "new.txt").write_text("new")

@@ -7,14 +7,12 @@ The ORT loop here is plain onnxruntime on purpose: the export is checked without
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
-from edgellama.export import config as C
-from edgellama import folder as F
-from edgellama.export import model as M
-from edgellama.export import onnx_export as E
+from edgellama.export import onnx_export
+from edgellama.export.model import greedy_generate, positions_from_mask
+from tests.conftest import OrtLoop, left_padded_batch, ort_session, random_llama, teacher_forced
 
 TOL = 1e-4
 TARGETS = ["portable", "ort", "onnx23"]
@@ -28,62 +26,9 @@ VARIANTS = {
 }
 
 
-def random_llama(seed: int = 0, **overrides) -> M.Llama:
-    torch.manual_seed(seed)
-    model = M.Llama(C.tiny(**overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.15)       # large enough that logits are far from uniform
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.add_(1.0)
-    return model
-
-
-def export_session(model: M.Llama, target: str, tmp_path) -> ort.InferenceSession:
-    ir_model = E.lower(E.export_onnx(model), target=target)
-    folder = tmp_path / target
-    folder.mkdir()
-    F.save_model(ir_model, folder)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(str(folder / F.MODEL), opts, providers=["CPUExecutionProvider"])
-
-
-class OrtLoop:
-    """Prefill + decode through the KV cache with a bare onnxruntime session."""
-
-    def __init__(self, sess: ort.InferenceSession, cfg: C.LlamaConfig):
-        self.sess, self.cfg = sess, cfg
-        self.outputs = [o.name for o in sess.get_outputs()]
-
-    def step(self, ids, mask, past):
-        feed = {"input_ids": ids, "attention_mask": mask,
-                "position_ids": M.positions_from_mask(torch.from_numpy(mask), ids.shape[1]).numpy()}
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
-        out = self.sess.run(self.outputs, feed)
-        return out[0], list(zip(out[1::2], out[2::2]))
-
-    def empty(self, batch):
-        shape = (batch, self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
-        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))] * self.cfg.num_hidden_layers
-
-
-def teacher_forced(model, loop, ids, mask, steps):
-    """Both sides consume the same tokens (torch's greedy choices); returns the worst logits diff."""
-    worst = 0.0
-    t_past, o_past = model.empty_cache(ids.shape[0]), loop.empty(ids.shape[0])
-    cur, m = ids, mask
-    with torch.no_grad():
-        for _ in range(steps + 1):
-            tl, t_past = model(cur, m, M.positions_from_mask(m, cur.shape[1]), t_past)
-            ol, o_past = loop.step(cur.numpy(), m.numpy(), o_past)
-            valid = m[:, -cur.shape[1]:].bool().numpy()
-            worst = max(worst, float(np.abs(ol - tl.numpy())[valid].max()))
-            cur = tl[:, -1].argmax(-1, keepdim=True)
-            m = torch.cat((m, torch.ones_like(cur)), dim=1)
-    return worst
+def export_session(model, target: str, tmp_path):
+    """A bare onnxruntime session on `model` exported for `target`."""
+    return ort_session(onnx_export.lower(onnx_export.export_onnx(model), target=target), tmp_path / target)
 
 
 def ort_greedy(loop, ids, mask, n):
@@ -94,15 +39,6 @@ def ort_greedy(loop, ids, mask, n):
         out.append(cur)
         m = np.concatenate((m, np.ones_like(cur)), axis=1)
     return np.concatenate(out, axis=1)
-
-
-def left_padded_batch(vocab):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (2, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    ids[1, :4] = 0
-    return ids, mask
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -116,7 +52,7 @@ def test_tiny_parity(variant, target, tmp_path):
     assert diff <= TOL
     # Greedy 64 tokens identical, batch of two with left padding.
     ours = ort_greedy(loop, ids, mask, 64)
-    ref = M.greedy_generate(model, ids, 64, attention_mask=mask).numpy()
+    ref = greedy_generate(model, ids, 64, attention_mask=mask).numpy()
     assert (ours == ref).all()
     # A left-padded row gets the logits it gets alone.
     alone_ids, alone_mask = ids[1:, 4:], mask[1:, 4:]
@@ -150,7 +86,7 @@ def three_way(model, model64, loop, ids, mask, steps):
     cur, m = ids, mask
     with torch.no_grad():
         for _ in range(steps + 1):
-            pos = M.positions_from_mask(m, cur.shape[1])
+            pos = positions_from_mask(m, cur.shape[1])
             t32, pasts[0] = model(cur, m, pos, pasts[0])
             t64, pasts[1] = model64(cur, m, pos, pasts[1])
             o32, pasts[2] = loop.step(cur.numpy(), m.numpy(), pasts[2])
@@ -176,7 +112,7 @@ def test_smollm2_parity_and_paris(smollm2, target, tmp_path):
           f"vs fp64: torch fp32 {torch_err:.2e}, onnx {onnx_err:.2e}")
     assert vs_torch <= TOL or onnx_err <= ACCURACY_RATIO * torch_err
     ours = ort_greedy(loop, ids, mask, 64)[0]
-    ref = M.greedy_generate(model, ids, 64, attention_mask=mask)[0].numpy()
+    ref = greedy_generate(model, ids, 64, attention_mask=mask)[0].numpy()
     assert (ours == ref).all()
     answer = tokenizer.decode(ours.tolist())
     print(f"smollm2 {target}: {answer!r}")

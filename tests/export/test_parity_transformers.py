@@ -5,13 +5,14 @@ on tiny random variants covering every block option and on the real smollm2."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")   # a dev extra
 
-from edgellama.export import config as C  # noqa: E402
-from edgellama.export import model as M  # noqa: E402
+from edgellama.export import config as presets  # noqa: E402
 from edgellama.export import sources  # noqa: E402
+from edgellama.export.model import Llama, greedy_generate, positions_from_mask  # noqa: E402
+from tests.conftest import left_padded_batch  # noqa: E402
 
 TOL = 1e-4
 DECODE_STEPS = 16
@@ -29,7 +30,7 @@ VARIANTS = {
 }
 
 
-def reference(model: M.Llama) -> "transformers.LlamaForCausalLM":
+def reference(model: Llama) -> "transformers.LlamaForCausalLM":
     """transformers' model with our weights, loaded strictly."""
     cfg = transformers.LlamaConfig(**model.config.to_hf())
     cfg._attn_implementation = "eager"
@@ -42,18 +43,9 @@ def reference(model: M.Llama) -> "transformers.LlamaForCausalLM":
     return hf.float()
 
 
-def left_padded_batch(vocab: int, lengths: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), width), generator=gen)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, width - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 @torch.no_grad()
-def teacher_forced(ours: M.Llama, hf, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[float, bool]:
+def teacher_forced_vs_transformers(ours: Llama, hf, ids: torch.Tensor, mask: torch.Tensor,
+                                   steps: int) -> tuple[float, bool]:
     """Max abs logits difference over prefill (real positions) and `steps` decode steps, both sides
     fed the same tokens (our greedy choices) through their own KV caches; and whether transformers'
     greedy choice equalled ours at every step (then its greedy run gives our tokens)."""
@@ -61,7 +53,7 @@ def teacher_forced(ours: M.Llama, hf, ids: torch.Tensor, mask: torch.Tensor, ste
     cache = transformers.DynamicCache()
     worst, same, cur = 0.0, True, ids
     for step in range(steps + 1):
-        pos = M.positions_from_mask(mask, cur.shape[1])
+        pos = positions_from_mask(mask, cur.shape[1])
         a, past = ours(cur, mask, pos, past)
         b = hf(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
         real = mask[:, -cur.shape[1]:].bool()           # padding rows' logits mean nothing on either side
@@ -72,8 +64,8 @@ def teacher_forced(ours: M.Llama, hf, ids: torch.Tensor, mask: torch.Tensor, ste
     return worst, same
 
 
-def teacher_forced_diff(ours: M.Llama, hf, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
-    return teacher_forced(ours, hf, ids, mask, steps)[0]
+def diff_vs_transformers(ours: Llama, hf, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+    return teacher_forced_vs_transformers(ours, hf, ids, mask, steps)[0]
 
 
 @torch.no_grad()
@@ -88,7 +80,7 @@ def hf_greedy(hf, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny_pair(request):
-    config = C.tiny(**VARIANTS[request.param])
+    config = presets.tiny(**VARIANTS[request.param])
     ours = sources.random_llama(config, seed=7)
     return request.param, ours, reference(ours)
 
@@ -96,7 +88,7 @@ def tiny_pair(request):
 def test_tiny_logits_prefill_and_decode(tiny_pair):
     name, ours, hf = tiny_pair
     ids, mask = left_padded_batch(ours.config.vocab_size, (12, 8), seed=1)
-    diff = teacher_forced_diff(ours, hf, ids, mask, DECODE_STEPS)
+    diff = diff_vs_transformers(ours, hf, ids, mask, DECODE_STEPS)
     print(f"tiny {name}: left-padded batch of 2, prefill + {DECODE_STEPS} decode, max abs logits diff {diff:.2e}")
     assert diff <= TOL
 
@@ -104,7 +96,7 @@ def test_tiny_logits_prefill_and_decode(tiny_pair):
 def test_tiny_greedy_identical(tiny_pair):
     name, ours, hf = tiny_pair
     ids, mask = left_padded_batch(ours.config.vocab_size, (10, 6), seed=2)
-    mine = M.greedy_generate(ours, ids, GREEDY, attention_mask=mask)
+    mine = greedy_generate(ours, ids, GREEDY, attention_mask=mask)
     theirs = hf_greedy(hf, ids, mask, GREEDY)
     assert mine.shape == (2, GREEDY)
     assert torch.equal(mine, theirs)
@@ -115,7 +107,7 @@ def test_tiny_logits_are_not_degenerate():
     model, _, _ = sources.load_model("tiny")
     ids, mask = left_padded_batch(model.config.vocab_size, (16,), seed=3)
     with torch.no_grad():
-        logits, _ = model(ids, mask, M.positions_from_mask(mask, 16), model.empty_cache(1))
+        logits, _ = model(ids, mask, positions_from_mask(mask, 16), model.empty_cache(1))
     top2 = logits[0].topk(2, dim=-1).values
     assert logits.std() > 0.05
     assert (top2[:, 0] - top2[:, 1]).min() > 1e-4     # no near-ties that 1e-5 noise could flip
@@ -128,7 +120,7 @@ def test_hf_folder_loads_in_transformers_with_same_logits(tmp_path):
     ours, _, _ = sources.load_model("tiny")
     hf = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").float().eval()
     ids, mask = left_padded_batch(ours.config.vocab_size, (9, 5), seed=4)
-    assert teacher_forced_diff(ours, hf, ids, mask, 4) <= TOL
+    assert diff_vs_transformers(ours, hf, ids, mask, 4) <= TOL
 
 
 # -- the real model ---------------------------------------------------------------------------------
@@ -147,7 +139,7 @@ def test_smollm2_logits_and_greedy(smollm2):
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    diff, same = teacher_forced(ours, hf, ids, mask, GREEDY)
+    diff, same = teacher_forced_vs_transformers(ours, hf, ids, mask, GREEDY)
     print(f"smollm2: left-padded batch of 2, prefill + {GREEDY} decode, max abs logits diff {diff:.2e}")
     assert diff <= TOL
     assert same
@@ -157,7 +149,7 @@ def test_smollm2_logits_and_greedy(smollm2):
 def test_smollm2_answers_paris(smollm2):
     ours, tok, _, _ = smollm2
     ids = torch.tensor([tok.chat_ids("What is the capital of France?")])
-    out = M.greedy_generate(ours, ids, GREEDY, eos_token_ids=ours.config.eos_token_ids)
+    out = greedy_generate(ours, ids, GREEDY, eos_token_ids=ours.config.eos_token_ids)
     answer = tok.decode(out[0].tolist())
     print(f"smollm2: {answer!r}")
     assert "Paris" in answer
@@ -179,7 +171,7 @@ def test_smollm2_weights_equal_transformers_gguf_loader(smollm2):
 
 def test_comparison_sees_a_rope_difference():
     """The harness is sensitive: the same weights under another rope scaling differ well past TOL."""
-    ours = sources.random_llama(C.tiny(**VARIANTS["llama3-rope"]), seed=7)
-    plain = sources.random_llama(C.tiny(rope_theta=500000.0), seed=7)
+    ours = sources.random_llama(presets.tiny(**VARIANTS["llama3-rope"]), seed=7)
+    plain = sources.random_llama(presets.tiny(rope_theta=500000.0), seed=7)
     ids, mask = left_padded_batch(ours.config.vocab_size, (40,), seed=5)
-    assert teacher_forced_diff(ours, reference(plain), ids, mask, 2) > 100 * TOL
+    assert diff_vs_transformers(ours, reference(plain), ids, mask, 2) > 100 * TOL

@@ -8,13 +8,12 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from edgellama.errors import SourceError  # noqa: E402
-from edgellama.export import config as C  # noqa: E402
-from edgellama.export import model as M  # noqa: E402
-from edgellama.export import sources  # noqa: E402
+from edgellama.errors import SourceError
+from edgellama.export import config as presets
+from edgellama.export import sources
+from edgellama.export.model import positions_from_mask, rope_inv_freq
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -32,7 +31,7 @@ def logits(model, n: int = 12) -> torch.Tensor:
     ids = torch.arange(3, 3 + n)[None] % model.config.vocab_size
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        return model(ids, mask, M.positions_from_mask(mask, n), model.empty_cache(1))[0]
+        return model(ids, mask, positions_from_mask(mask, n), model.empty_cache(1))[0]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_tiny_is_deterministic(tiny):
     assert len(info["sha256"]) == 64
     json.dumps(info)
     assert_same_weights(model, again)
-    assert model.config == C.tiny() and not model.training
+    assert model.config == presets.tiny() and not model.training
     assert tok is not None and tok.vocab_size == model.config.vocab_size
 
 
@@ -184,7 +183,7 @@ def test_pickles_are_refused_unread(tmp_path, monkeypatch, suffix):
         sources.load_model(str(ckpt))
     folder = tmp_path / "folder"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(C.tiny().to_hf()))
+    (folder / "config.json").write_text(json.dumps(presets.tiny().to_hf()))
     ckpt.rename(folder / f"pytorch_model{suffix}")
     with pytest.raises(SourceError, match=f"pytorch_model{suffix}: refusing to unpickle"):
         sources.load_model(folder)
@@ -196,13 +195,13 @@ def test_bad_folders(tmp_path, hf_tiny):
     empty.mkdir()
     with pytest.raises(SourceError, match="no config.json"):
         sources.load_model(empty)
-    (empty / "config.json").write_text(json.dumps(C.tiny().to_hf()))
+    (empty / "config.json").write_text(json.dumps(presets.tiny().to_hf()))
     with pytest.raises(SourceError, match="no safetensors weights"):
         sources.load_model(empty)
     (empty / "config.json").write_text("{")
     with pytest.raises(SourceError, match="config.json: not valid JSON"):
         sources.load_model(empty)
-    (empty / "config.json").write_text(json.dumps({**C.tiny().to_hf(), "model_type": "gpt2",
+    (empty / "config.json").write_text(json.dumps({**presets.tiny().to_hf(), "model_type": "gpt2",
                                                    "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(SourceError, match="unsupported architecture"):
         sources.load_model(empty)
@@ -307,7 +306,7 @@ def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_gguf_f32_round_trip_undoes_the_qk_permutation(tmp_path, tied):
-    config = C.tiny(num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
+    config = presets.tiny(num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
     model = sources.random_llama(config, seed=3)
     path = write_gguf(tmp_path / "m.gguf", model)
     loaded, tok, info = sources.load_model(str(path))
@@ -323,7 +322,7 @@ def test_gguf_f32_round_trip_undoes_the_qk_permutation(tmp_path, tied):
 def test_gguf_quantized_tensors_are_dequantized(tmp_path):
     import gguf
 
-    model = sources.random_llama(C.tiny(), seed=4)
+    model = sources.random_llama(presets.tiny(), seed=4)
     path = write_gguf(tmp_path / "q8.gguf", model, qtype=gguf.GGMLQuantizationType.Q8_0)
     loaded = sources.load_model(path)[0]
     ref, got = state(model), state(loaded)
@@ -336,11 +335,11 @@ def test_gguf_quantized_tensors_are_dequantized(tmp_path):
 def test_gguf_llama3_rope_freqs_become_the_config(tmp_path):
     scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
-    config = C.tiny(rope_theta=500000.0, rope_scaling=scaling, head_dim=64, num_attention_heads=2,
+    config = presets.tiny(rope_theta=500000.0, rope_scaling=scaling, head_dim=64, num_attention_heads=2,
                     num_key_value_heads=1)
     model = sources.random_llama(config, seed=5)
-    factors = (M.rope_inv_freq(C.tiny(rope_theta=500000.0, head_dim=64, num_attention_heads=2,
-                                      num_key_value_heads=1)) / M.rope_inv_freq(config)).numpy()
+    factors = (rope_inv_freq(presets.tiny(rope_theta=500000.0, head_dim=64, num_attention_heads=2,
+                                      num_key_value_heads=1)) / rope_inv_freq(config)).numpy()
     assert factors.max() > 1
     path = write_gguf(tmp_path / "l3.gguf", model, rope_freqs=factors, eot=5)
     loaded = sources.load_model(path)[0]
@@ -355,7 +354,7 @@ def test_gguf_llama3_rope_freqs_become_the_config(tmp_path):
 def test_gguf_weights_equal_transformers_gguf_loader(tmp_path):
     """An independent reader (transformers') gets the same weights from our test file."""
     transformers = pytest.importorskip("transformers")
-    model = sources.random_llama(C.tiny(num_attention_heads=8, num_key_value_heads=4, head_dim=8), seed=6)
+    model = sources.random_llama(presets.tiny(num_attention_heads=8, num_key_value_heads=4, head_dim=8), seed=6)
     path = write_gguf(tmp_path / "t.gguf", model)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                                dtype=torch.float32).state_dict()
@@ -364,7 +363,7 @@ def test_gguf_weights_equal_transformers_gguf_loader(tmp_path):
 
 
 def test_bad_gguf(tmp_path):
-    model = sources.random_llama(C.tiny(), seed=1)
+    model = sources.random_llama(presets.tiny(), seed=1)
     with pytest.raises(SourceError, match="GGUF architecture is 'gpt2'; edgellama loads the llama architecture"):
         sources.load_model(write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2"))
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 20)
@@ -377,7 +376,7 @@ def test_bad_gguf(tmp_path):
 def test_folder_written_by_transformers_save_pretrained(tmp_path):
     """What transformers itself writes (its config.json flavour, tied weights, its tokenizer files) loads."""
     transformers = pytest.importorskip("transformers")
-    config = C.tiny(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    config = presets.tiny(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
     ours = sources.random_llama(config, seed=9)
     from transformers.initialization import no_init_weights
 

@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 
 from edgellama.errors import EdgellamaError
-from edgellama.check import metrics as M
-from edgellama.check import parity_report as R
-from edgellama.check import parity_tolerances as T
+from edgellama.check import metrics, parity_report, parity_tolerances
 from edgellama.check.parity import checks_for, make_batches
 from edgellama.check.parity_sides import find_probe_values
-from edgellama.contract import positions_from_mask
 from edgellama.folder import Manifest
 
 
@@ -20,7 +17,7 @@ def test_tensor_metrics_against_direct_formulas():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2, 3, 50)).astype(np.float32)
     got = ref + rng.normal(scale=1e-3, size=ref.shape).astype(np.float32)
-    m = M.tensor_metrics(ref, got)
+    m = metrics.tensor_metrics(ref, got)
     err = np.abs(ref.astype(np.float64) - got)
     assert m["max_abs"] == pytest.approx(err.max())
     assert m["max_rel"] == pytest.approx(err.max() / np.abs(ref).max())
@@ -29,7 +26,7 @@ def test_tensor_metrics_against_direct_formulas():
     a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
     cos = (a @ b) / np.linalg.norm(a) / np.linalg.norm(b)
     assert m["cosine"] == pytest.approx(cos, abs=1e-12)
-    assert M.tensor_metrics(ref, ref) == {"max_abs": 0.0, "max_rel": 0.0, "p999_abs": 0.0, "cosine": 1.0}
+    assert metrics.tensor_metrics(ref, ref) == {"max_abs": 0.0, "max_rel": 0.0, "p999_abs": 0.0, "cosine": 1.0}
 
 
 def test_padding_rows_are_ignored():
@@ -38,24 +35,24 @@ def test_padding_rows_are_ignored():
     got[1, 0] = 1e6        # a padding slot: garbage both sides may disagree on
     valid = np.ones((2, 4), bool)
     valid[1, 0] = False
-    assert M.tensor_metrics(ref, got, valid)["max_abs"] == 0.0
-    assert M.tensor_metrics(ref, got)["max_abs"] == 1e6
+    assert metrics.tensor_metrics(ref, got, valid)["max_abs"] == 0.0
+    assert metrics.tensor_metrics(ref, got)["max_abs"] == 1e6
 
 
 def test_nan_never_passes():
     ref = np.ones((1, 2, 4), np.float32)
     got = ref.copy()
     got[0, 1, 2] = np.nan
-    m = M.logit_metrics(ref, got)
+    m = metrics.logit_metrics(ref, got)
     assert m["max_abs"] == math.inf and m["kl_mean"] == math.inf and m["top1"] == 0.0
-    assert not T.within("max_rel", m["max_rel"], 1.0)
+    assert not parity_tolerances.within("max_rel", m["max_rel"], 1.0)
 
 
 def test_kl_and_topk_against_direct_formulas():
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(3, 5, 40))
     got = ref + rng.normal(scale=0.3, size=ref.shape)
-    m = M.logit_metrics(ref, got)
+    m = metrics.logit_metrics(ref, got)
     p = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
     q = np.exp(got) / np.exp(got).sum(-1, keepdims=True)
     kl = (p * np.log(p / q)).sum(-1)
@@ -69,37 +66,28 @@ def test_kl_and_topk_against_direct_formulas():
 
 def test_identical_logits_agree_fully():
     x = np.random.default_rng(2).normal(size=(1, 4, 30))
-    m = M.logit_metrics(x, x.copy())
+    m = metrics.logit_metrics(x, x.copy())
     assert m["kl_max"] == 0.0 and m["top1"] == m["top5"] == m["top1_in_top5"] == 1.0
 
 
 def test_shifted_logits_have_zero_kl_but_abs_error():
     # softmax is shift invariant: the distribution metrics see no change, the tensor metrics do.
     x = np.random.default_rng(3).normal(size=(1, 3, 20))
-    m = M.logit_metrics(x, x + 2.0)
+    m = metrics.logit_metrics(x, x + 2.0)
     assert m["kl_max"] < 1e-12 and m["top1"] == 1.0 and m["max_abs"] == pytest.approx(2.0)
 
 
 def test_merge_takes_worst_and_weighted_means():
     a = {"max_abs": 1.0, "cosine": 0.9, "top1": 1.0, "kl_mean": 0.0, "kl_max": 0.1}
     b = {"max_abs": 3.0, "cosine": 0.99, "top1": 0.0, "kl_mean": 1.0, "kl_max": 0.05}
-    m = M.merge([a, b], [3, 1])
+    m = metrics.merge([a, b], [3, 1])
     assert m == {"max_abs": 3.0, "cosine": 0.9, "top1": 0.75, "kl_mean": 0.25, "kl_max": 0.1}
 
 
 @pytest.mark.parametrize("ref, got, want", [([1, 2, 3], [1, 2, 3], None), ([1, 2, 3], [1, 5, 3], 1),
                                             ([4, 2], [5, 2], 0), ([1, 2], [1, 2, 3], 2)])
 def test_first_divergence(ref, got, want):
-    assert M.first_divergence(ref, got) == want
-
-
-def test_positions_from_mask_matches_torch_reference():
-    torch = pytest.importorskip("torch")
-    from edgellama.export.model import positions_from_mask as torch_positions
-
-    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    for q in (5, 1):
-        assert (positions_from_mask(mask, q) == torch_positions(torch.from_numpy(mask), q).numpy()).all()
+    assert metrics.first_divergence(ref, got) == want
 
 
 def test_left_padded_batch():
@@ -125,29 +113,30 @@ def test_precision_from_manifest(manifest, want):
 
 def test_tolerances_loosen_with_precision():
     # Each lower precision must accept at least what the higher one accepts.
-    for hi, lo in zip(T.PRECISIONS, T.PRECISIONS[1:]):
-        for key, direction in T.DIRECTION.items():
-            a, b = T.TOLERANCES[hi][key], T.TOLERANCES[lo][key]
+    for hi, lo in zip(parity_tolerances.PRECISIONS, parity_tolerances.PRECISIONS[1:]):
+        for key, direction in parity_tolerances.DIRECTION.items():
+            a, b = parity_tolerances.TOLERANCES[hi][key], parity_tolerances.TOLERANCES[lo][key]
             if a is None or b is None:
                 continue
             assert (b >= a) if direction == "max" else (b <= a), (hi, lo, key)
-    assert set(T.REASONS) == set(T.PRECISIONS)
-    assert T.looser("fp16", "int8") == "int8" and T.looser("fp32", "fp16") == "fp16"
+    assert set(parity_tolerances.REASONS) == set(parity_tolerances.PRECISIONS)
+    assert parity_tolerances.looser("fp16", "int8") == "int8" and parity_tolerances.looser("fp32", "fp16") == "fp16"
 
 
 def test_overrides():
-    o = T.parse_overrides(["kl_mean=1e-3", "greedy_match=none"])
-    tol = T.resolve("fp32", o)
-    assert tol["kl_mean"] == 1e-3 and tol["greedy_match"] is None and tol["top1"] == T.TOLERANCES["fp32"]["top1"]
+    o = parity_tolerances.parse_overrides(["kl_mean=1e-3", "greedy_match=none"])
+    tol = parity_tolerances.resolve("fp32", o)
+    assert tol["kl_mean"] == 1e-3 and tol["greedy_match"] is None
+    assert tol["top1"] == parity_tolerances.TOLERANCES["fp32"]["top1"]
     for bad in (["nonsense=1"], ["kl_mean"], ["kl_mean=abc"], ["top1=nan"]):
         with pytest.raises(EdgellamaError):
-            T.parse_overrides(bad)
+            parity_tolerances.parse_overrides(bad)
 
 
 def test_checks_and_reports_render():
-    logits = {k: 0.0 for k in M.LOGIT_KEYS}
+    logits = {k: 0.0 for k in metrics.LOGIT_KEYS}
     logits.update(cosine=1.0, top1=0.5, top5=1.0, top1_in_top5=1.0, kl_mean=0.3, max_rel=float("inf"))
-    tol = T.resolve("fp32")
+    tol = parity_tolerances.resolve("fp32")
     checks = checks_for(logits, {"max_rel": 0.0, "cosine": 1.0}, 1.0, tol)
     failed = {c["tolerance_key"] for c in checks if not c["pass"]}
     assert failed == {"top1", "kl_mean", "max_rel"}
@@ -160,13 +149,13 @@ def test_checks_and_reports_render():
                                                      "candidate_name": "model.layers.1.self_attn.o_proj/MatMul",
                                                      "max_rel": 0.5, "cosine": 0.9}}}
     report = {"status": "fail", "model": "m", "reference": "torch", "precision": "fp32", "decode_steps": 3,
-              "prompts": ["a"], "seconds": 0.1, "tolerances": tol, "tolerance_reason": T.REASONS["fp32"],
-              "comparisons": [comparison]}
-    text = R.to_text(report)
+              "prompts": ["a"], "seconds": 0.1, "tolerances": tol,
+              "tolerance_reason": parity_tolerances.REASONS["fp32"], "comparisons": [comparison]}
+    text = parity_report.to_text(report)
     assert "layer 1 o_proj (MatMul)" in text and "FAIL logits top1" in text and "step 2 of 4" in text
-    md = R.to_markdown(report)
+    md = parity_report.to_markdown(report)
     assert "❌" in md and "| logits decode |" in md and "model.layers.1.self_attn.o_proj/MatMul" in md
-    rows = json.loads(R.to_json(report))["comparisons"][0]["checks"]
+    rows = json.loads(parity_report.to_json(report))["comparisons"][0]["checks"]
     assert next(c for c in rows if c["tolerance_key"] == "max_rel")["value"] == "inf"
 
 

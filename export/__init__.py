@@ -1,5 +1,4 @@
-"""edgellama.export: torch Llama blocks, model sources, and torch -> ONNX export with lowering.
+"""edgellama.export: model sources, torch Llama blocks, and torch -> ONNX export with lowering.
 
-Kept import-light (no torch at import time) so the runtime can use the tokenizer and manifest
-helpers without loading torch.
+Importing the package loads no torch: the modules that need it import it themselves.
 """

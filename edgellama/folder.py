@@ -425,4 +425,6 @@ def load_model_ir(folder: Path) -> Any:
     import onnx_ir as ir
 
     proto = load_model_proto(folder, with_weights=False)
-    return ir.serde.deserialize_model(proto, base_path=str(Path(folder)))
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, Path(folder))
+    return model

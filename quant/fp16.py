@@ -22,115 +22,92 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
 
 from edgellama.quant import common
+from edgellama.quant.registry import Settings
 
 # Standard ops of our graphs without a float16 kernel in ONNX Runtime's CPU provider: none in
-# onnxruntime 1.31 (tests/test_quant_fp16.py checks that each fp16 model opens on CPU and that
-# every op listed here really lacks the kernel). Kept as the place to add one if a lowering
+# onnxruntime 1.31 (tests/quant/test_quant_fp16.py checks that each fp16 model opens on CPU and
+# that every op listed here really lacks the kernel). Kept as the place to add one if a lowering
 # starts emitting such an op.
 FP32_ONLY_OPS: tuple[str, ...] = ()
 LOGITS = "logits"
+FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 
 
-def _to_fp16(t: onnx.TensorProto) -> onnx.TensorProto:
-    arr = numpy_helper.to_array(t)
+def _to_fp16(arr: np.ndarray, name: str | None) -> ir.Tensor:
     if np.isfinite(arr).all() and np.abs(arr).max(initial=0.0) > np.finfo(np.float16).max:
         # A finite fp32 constant past fp16's range (a mask minimum, say) saturates instead of
         # becoming inf, which would turn `x * 0` into NaN.
         arr = np.clip(arr, np.finfo(np.float16).min, np.finfo(np.float16).max)
-    return numpy_helper.from_array(arr.astype(np.float16), t.name)
+    return ir.tensor(arr.astype(np.float16), name=name)
 
 
-def _convert_constants(graph: onnx.GraphProto) -> int:
+def _convert_constants(graph: ir.Graph) -> int:
     n = 0
-    for i, t in enumerate(graph.initializer):
-        if t.data_type == TensorProto.FLOAT:
-            graph.initializer[i].CopyFrom(_to_fp16(t))
+    for v in graph.initializers.values():
+        if v.const_value.dtype == FLOAT:
+            v.const_value = _to_fp16(v.const_value.numpy(), v.name)
             n += 1
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
-                    a.t.CopyFrom(_to_fp16(a.t))
-                elif a.name == "value_float":
-                    value = float(np.float16(np.clip(a.f, -65504, 65504)))
-                    node.attribute.remove(a)
-                    node.attribute.append(helper.make_attribute(
-                        "value", numpy_helper.from_array(np.array(value, np.float16))))
-                    break
-        elif node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.name == "to" and a.i == TensorProto.FLOAT:
-                    a.i = TensorProto.FLOAT16
-        elif node.op_type == "RMSNormalization" and node.domain in ("", "ai.onnx"):
-            _set_int(node, "stash_type", TensorProto.FLOAT)
-        elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            _set_int(node, "softmax_precision", TensorProto.FLOAT)
+    for node in graph:
+        attrs = node.attributes
+        if common.is_op(node, "Constant"):
+            if "value" in attrs and attrs["value"].as_tensor().dtype == FLOAT:
+                t = attrs["value"].as_tensor()
+                attrs["value"] = ir.AttrTensor("value", _to_fp16(t.numpy(), t.name))
+            elif "value_float" in attrs:
+                value = float(np.float16(np.clip(attrs.pop("value_float").as_float(), -65504, 65504)))
+                attrs["value"] = ir.AttrTensor("value", ir.tensor(np.array(value, np.float16)))
+        elif common.is_op(node, "Cast") and attrs["to"].as_int() == FLOAT:
+            attrs["to"] = ir.AttrInt64("to", FLOAT16)
+        elif common.is_op(node, "RMSNormalization"):
+            attrs["stash_type"] = ir.AttrInt64("stash_type", FLOAT)
+        elif common.is_op(node, "Attention"):
+            attrs["softmax_precision"] = ir.AttrInt64("softmax_precision", FLOAT)
     return n
 
 
-def _set_int(node: onnx.NodeProto, name: str, value: int) -> None:
-    for a in node.attribute:
-        if a.name == name:
-            a.i = value
-            return
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def _fp32_islands(graph: onnx.GraphProto, ops: Sequence[str]) -> int:
+def _fp32_islands(graph: ir.Graph, ops: Sequence[str]) -> int:
     """Run `ops` in fp32: Cast their float inputs up and their outputs back down."""
-    replacements: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
-            continue
+    names = common.Names(graph)
+    nodes = [n for n in graph if n.op_type in ops and n.domain in ("", "ai.onnx")]
+    for node in nodes:
         mod = common.module_name(node)
-        new = []
-        for j, x in enumerate(node.input):
-            up = common.unique_name(graph, f"{x}_fp32")
-            new.append(helper.make_node("Cast", [x], [up], to=TensorProto.FLOAT, name=f"{mod}/Cast_in{j}"))
-            node.input[j] = up
-        outs = list(node.output)
-        for j, y in enumerate(outs):
-            node.output[j] = f"{y}_fp32"
-        new.append(node)
-        for j, y in enumerate(outs):
-            new.append(helper.make_node("Cast", [f"{y}_fp32"], [y], to=TensorProto.FLOAT16,
-                                        name=f"{mod}/Cast_out{j}"))
-        replacements[node.output[0]] = new   # replace_nodes keys on the (renamed) first output
-    common.replace_nodes(graph, replacements)
-    return len(replacements)
+        ups = [common.op("Cast", [x], [names(f"{x.name}_fp32")], to=FLOAT, name=f"{mod}/Cast_in{j}")
+               for j, x in enumerate(node.inputs)]
+        inner = common.op(node.op_type, [c.outputs[0] for c in ups], [f"{y.name}_fp32" for y in node.outputs],
+                          name=node.name, **{k: a.value for k, a in node.attributes.items()})
+        outs = [common.output_like(y) for y in node.outputs]
+        downs = [common.op("Cast", [y32], [y], to=FLOAT16, name=f"{mod}/Cast_out{j}")
+                 for j, (y32, y) in enumerate(zip(inner.outputs, outs))]
+        common.replace(graph, [node], [*ups, inner, *downs], outs)
+    return len(nodes)
 
 
-def _convert_io(graph: onnx.GraphProto) -> None:
-    for v in list(graph.input) + list(graph.output):
-        tt = v.type.tensor_type
-        if tt.elem_type == TensorProto.FLOAT and v.name != LOGITS:
-            tt.elem_type = TensorProto.FLOAT16
-    for v in graph.value_info:
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = TensorProto.FLOAT16
-    producer = next((n for n in graph.node if LOGITS in n.output), None)
-    if producer is None:
+def _convert_values(graph: ir.Graph) -> None:
+    """Every float value of the main graph (I/O, initializers, typed intermediates) becomes
+    float16, except `logits`: its producer writes `logits_fp16` and a Cast writes `logits`."""
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]
+    for v in values:
+        if v.dtype == FLOAT and v.name != LOGITS:
+            v.type = ir.TensorType(FLOAT16)   # a new type: values may share one type object
+    logits = next((v for v in graph.outputs if v.name == LOGITS), None)
+    if logits is None or logits.producer() is None:
         return
-    half = common.unique_name(graph, f"{LOGITS}_fp16")
-    producer.output[list(producer.output).index(LOGITS)] = half
-    graph.node.append(helper.make_node("Cast", [half], [LOGITS], to=TensorProto.FLOAT, name="logits/Cast"))
+    out = common.output_like(logits)
+    logits.name = common.Names(graph)(f"{LOGITS}_fp16")
+    logits.type = ir.TensorType(FLOAT16)
+    ir.convenience.replace_all_uses_with(logits, out, replace_graph_outputs=True)
+    graph.append(common.op("Cast", [logits], [out], to=FLOAT, name="logits/Cast"))
 
 
-def apply(model: onnx.ModelProto, *, target: str, exclude: Sequence[str] = ()) -> dict:
+def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:
     """Convert `model` in place; returns the manifest's record of the pass."""
-    if exclude:
-        # Mixed fp32/fp16 graphs need a Cast at every boundary; not worth it for one MatMul.
-        from edgellama.errors import QuantError
-
-        raise QuantError("--exclude is not supported by fp16 (every tensor of the graph becomes fp16)")
     graph = model.graph
     n = _convert_constants(graph)
     islands = _fp32_islands(graph, FP32_ONLY_OPS)
-    _convert_io(graph)
+    _convert_values(graph)
     return {"pass": "fp16", "initializers": n, "fp32_ops": list(FP32_ONLY_OPS), "fp32_islands": islands,
             "logits": "float32", "kv_cache": "float16",
             "statistics": "fp32 (function bodies / stash_type / softmax_precision)", "target": target}

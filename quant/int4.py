@@ -10,7 +10,7 @@ Policy (what is quantized and why):
   embeddings, the same table is the embedding: 4 bits there costs most of int4's quality loss
   for ~7% of the size.
 - The token embedding: GatherBlockQuantized int8 (shared with lm_head when tied).
-- `accuracy_level` 4 (int8 activations, the fast CPU kernels), as int8.
+- `accuracy_level` 4 by default (registry.py: int8 activations, the fast CPU kernels), as int8.
 - Integer zero points (packed 4-bit, the layout MLAS's fast kernels take). FLOAT_ZERO_POINTS
   (an fp32 offset per block, as GGUF's Q4_1 min) fits much better but ONNX Runtime's CPU kernels
   then take a slow path and the file grows to ~0.21x; kept as an option, measured below.
@@ -28,13 +28,11 @@ top-1 76.8%, +16.9%; onnxruntime-genai's builder -p int4 in the same run: 0.389 
 
 from __future__ import annotations
 
-from typing import Sequence
+import onnx_ir as ir
 
-import onnx
+from edgellama.quant import common, matmul_nbits, smooth
+from edgellama.quant.registry import Settings
 
-from edgellama.quant import common, matmul_nbits, smooth as smoothing
-
-ACCURACY_LEVEL = 4
 SYMMETRIC = False
 SEARCH = True
 FLOAT_ZERO_POINTS = False
@@ -58,18 +56,17 @@ def _is_four_bit(wm: common.WeightMatMul) -> bool:
     return mod.startswith("model.layers.") and mod.rsplit(".", 1)[-1] not in EIGHT_BIT_PROJECTIONS
 
 
-def apply(model: onnx.ModelProto, *, block_size: int, exclude: Sequence[str] = (),
-          accuracy_level: int = ACCURACY_LEVEL, symmetric: bool = SYMMETRIC, search: bool = SEARCH,
-          float_zero_points: bool = FLOAT_ZERO_POINTS) -> dict:
+def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:
     """Quantize `model` in place; returns the manifest's record of the pass."""
-    smoothed = smoothing.apply(model, exclude=exclude, mlp=True) if SMOOTH and accuracy_level == 4 else {"smoothing": None}
-    four = matmul_nbits.Choice(bits=4, symmetric=symmetric, search=search, float_zero_points=float_zero_points)
+    level, exclude = settings.accuracy_level, settings.exclude
+    smoothed = smooth.apply(model, exclude=exclude, mlp=True) if SMOOTH and level == 4 else {"smoothing": None}
+    four = matmul_nbits.Choice(bits=4, symmetric=SYMMETRIC, search=SEARCH, float_zero_points=FLOAT_ZERO_POINTS)
     eight = matmul_nbits.Choice(bits=8, symmetric=True, search=False)
     stats = matmul_nbits.rewrite(model, choose=lambda wm: four if _is_four_bit(wm) else eight,
-                                 block_size=block_size, accuracy_level=accuracy_level, exclude=exclude)
+                                 block_size=settings.block_size, accuracy_level=level, exclude=exclude)
     return {"pass": "int4", "requires": "onnxruntime (com.microsoft contrib ops)",
-            "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": block_size,
-            "symmetric": symmetric, "scale_search": search, "float_zero_points": float_zero_points, "accuracy_level": accuracy_level,
-            "matmuls": len(stats.matmuls),
+            "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": settings.block_size,
+            "symmetric": SYMMETRIC, "scale_search": SEARCH, "float_zero_points": FLOAT_ZERO_POINTS,
+            "accuracy_level": level, "matmuls": len(stats.matmuls),
             "int8_matmuls": sorted(m for m, b in stats.matmuls.items() if b == 8),
             "embedding": stats.embedding, "excluded": stats.excluded, **smoothed}

@@ -9,8 +9,9 @@ Policy (what is quantized and why):
 - Symmetric codes -127..127 around the kernel's default zero point 128 (no zero-point tensor),
   scale = block absmax / 127: at 8 bits a zero point buys nothing measurable.
 - Block size 32 by default (Q8_0's block): one fp32 scale per 32 weights, 1.125 bytes a weight.
-- `accuracy_level` 4 by default (ONNX Runtime quantizes A to int8 per block at run time and
-  uses its integer kernels): see ACCURACY_LEVEL for the measured trade-off.
+- `accuracy_level` 4 by default (registry.py; ONNX Runtime quantizes A to int8 per block at run
+  time and uses its integer kernels, the fast CPU path and the main source of the loss, as for
+  onnxruntime-genai's int8); `--accuracy-level 0` keeps fp32 activations (figures below).
 
 Measured on smollm2 (portable target, 16 windows of 256 tokens of standard-library docstrings,
 against the fp32 ONNX model; .notes/quant.md): 0.285x the fp32 bytes;
@@ -22,44 +23,33 @@ this AVX2 CPU (MLAS has no fast fp32-activation path for 8-bit weights here).
 
 from __future__ import annotations
 
-from typing import Sequence
+import onnx_ir as ir
 
-import onnx
-
-from edgellama.quant import common, matmul_nbits, smooth as smoothing
-
-# 4 quantizes activations to int8 per block at run time: the fast CPU path, and the main source of
-# the loss (as for onnxruntime-genai's int8). 0/1 keeps fp32 activations: 3.5x lower KL on
-# smollm2, ~25x slower decode on AVX2. `edgellama quantize --accuracy-level 0` picks it.
-ACCURACY_LEVEL = 4
-
+from edgellama.quant import common, matmul_nbits, smooth
+from edgellama.quant.registry import Settings
 
 # SmoothQuant factors folded into the RMSNorm weights before quantizing (smooth.py), when the
 # activations are quantized (accuracy_level 4): smollm2 KL 4.6e-3 -> 3.1e-3.
 SMOOTH = True
 
-# Projections quantized with a finer block (activation blocks follow it at accuracy_level 4).
-# Measured on smollm2 (4,096 tokens vs fp32 torch, 2026-12-01): block 16 for lm_head and down_proj
-# gives KL 3.07e-3 -> 2.48e-3, top-1 96.95% -> 97.27%, perplexity +0.18% -> +0.11% at 0.297x, but
-# decode 91.8 -> 82.1 tokens/s; block 16 everywhere: KL 2.07e-3, top-1 97.2%, 0.316x (over the
-# size goal). Off by default: int8 is the speed mode and already trails genai's decode.
-FINE_PROJECTIONS = ("lm_head", "down_proj")
-FINE_BLOCK: int | None = None
+# Block size per projection (the module path's last part), in place of the request's. Empty: finer
+# blocks for lm_head and down_proj lower KL (smollm2 3.07e-3 -> 2.48e-3 at block 16) but cost ~10%
+# decode speed, and int8 is the speed mode.
+PROJECTION_BLOCK_SIZES: dict[str, int] = {}
 
 
-def apply(model: onnx.ModelProto, *, block_size: int, exclude: Sequence[str] = (),
-          accuracy_level: int = ACCURACY_LEVEL, smooth: bool = SMOOTH) -> dict:
+def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:
     """Quantize `model` in place; returns the manifest's record of the pass."""
-    smoothed = smoothing.apply(model, exclude=exclude) if smooth and accuracy_level == 4 else {"smoothing": None}
-    choice = matmul_nbits.Choice(bits=8, symmetric=True, search=False)
-    fine = matmul_nbits.Choice(bits=8, symmetric=True, search=False, block_size=FINE_BLOCK)
+    level, exclude = settings.accuracy_level, settings.exclude
+    smoothed = smooth.apply(model, exclude=exclude) if SMOOTH and level == 4 else {"smoothing": None}
 
-    def choose(wm):
-        return fine if FINE_BLOCK and common.module_name(wm.node).rsplit(".", 1)[-1] in FINE_PROJECTIONS else choice
+    def choose(wm: common.WeightMatMul) -> matmul_nbits.Choice:
+        block = PROJECTION_BLOCK_SIZES.get(common.module_name(wm.node).rsplit(".", 1)[-1])
+        return matmul_nbits.Choice(bits=8, symmetric=True, search=False, block_size=block)
 
-    stats = matmul_nbits.rewrite(model, choose=choose, block_size=block_size,
-                                 accuracy_level=accuracy_level, exclude=exclude)
+    stats = matmul_nbits.rewrite(model, choose=choose, block_size=settings.block_size, accuracy_level=level,
+                                 exclude=exclude)
     return {"pass": "int8", "requires": "onnxruntime (com.microsoft contrib ops)",
-            "op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": block_size,
-            "symmetric": True, "accuracy_level": accuracy_level, "matmuls": len(stats.matmuls),
+            "op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": settings.block_size,
+            "symmetric": True, "accuracy_level": level, "matmuls": len(stats.matmuls),
             "embedding": stats.embedding, "excluded": stats.excluded, **smoothed}

@@ -29,13 +29,11 @@ Policy (what is quantized and why):
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+import onnx_ir as ir
 
-from edgellama.quant import common, smooth as smoothing
+from edgellama.quant import common, smooth
+from edgellama.quant.registry import Settings
 
 KEEP_LM_HEAD_FP32 = True
 PER_TOKEN = True
@@ -50,6 +48,7 @@ SMOOTH = True          # SmoothQuant factors folded into the RMSNorm weights fir
 # only with int8 activations (ACT_UINT8 = False: accurate, but the slow s8s8 GEMM).
 WEIGHT_QMAX_U8 = 63
 WEIGHT_QMAX = 127
+INT8, UINT8, FLOAT = ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.FLOAT
 
 
 def _quantize_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,84 +59,76 @@ def _quantize_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]
     return q, scale
 
 
-def _quantize_activation(graph: onnx.GraphProto, a: str, mod: str) -> tuple[tuple[str, str, str], list]:
-    """(A_q, A_scale, A_zero or '') and the nodes computing them."""
-    names = [common.unique_name(graph, f"{a}_{s}") for s in ("quantized", "scale", "zero_point")]
+def _quantize_activation(names: common.Names, a: ir.Value, mod: str) -> tuple[list[ir.Value | None], list[ir.Node]]:
+    """[A_q, A_scale, A_zero or None] and the nodes computing them."""
     if not PER_TOKEN:
-        return tuple(names), [helper.make_node("DynamicQuantizeLinear", [a], names,
-                                               name=f"{mod}/DynamicQuantizeLinear")]
+        node = common.op("DynamicQuantizeLinear", [a], [names(f"{a.name}_{s}") for s in ("quantized", "scale", "zero_point")],
+                         name=f"{mod}/DynamicQuantizeLinear")
+        return list(node.outputs), [node]
     # Symmetric int8 per row (token): scale = max|a_row| / 127. One token's outlier (the first
     # token's massive activations) then cannot flatten every other token of a prefill.
-    q, scale = names[0], names[1]
-    t = {k: common.unique_name(graph, f"{a}_{k}") for k in ("abs", "amax", "axes", "inv127", "raw", "eps",
-                                                              "div", "round", "lo", "hi", "clip")}
-    nodes = [
-        helper.make_node("Abs", [a], [t["abs"]], name=f"{mod}/Abs_act"),
-        common.constant(t["axes"], np.array([-1], np.int64), name=f"{mod}/Constant_axes"),
-        helper.make_node("ReduceMax", [t["abs"], t["axes"]], [t["amax"]], keepdims=1, name=f"{mod}/ReduceMax_act"),
-        common.constant(t["inv127"], np.array(1 / 127, np.float32), name=f"{mod}/Constant_inv127"),
-        helper.make_node("Mul", [t["amax"], t["inv127"]], [t["raw"]], name=f"{mod}/Mul_act_scale"),
-        common.constant(t["eps"], np.array(1e-12, np.float32), name=f"{mod}/Constant_eps"),
-        helper.make_node("Max", [t["raw"], t["eps"]], [scale], name=f"{mod}/Max_act_scale"),
-        helper.make_node("Div", [a, scale], [t["div"]], name=f"{mod}/Div_act"),
-        helper.make_node("Round", [t["div"]], [t["round"]], name=f"{mod}/Round_act"),
-        common.constant(t["lo"], np.array(-127, np.float32), name=f"{mod}/Constant_lo"),
-        common.constant(t["hi"], np.array(127, np.float32), name=f"{mod}/Constant_hi"),
-        helper.make_node("Clip", [t["round"], t["lo"], t["hi"]], [t["clip"]], name=f"{mod}/Clip_act"),
-    ]
+    q, scale = names(f"{a.name}_quantized"), names(f"{a.name}_scale")
+
+    def const(key: str, value: np.ndarray, suffix: str | None = None) -> ir.Value:
+        nodes.append(common.constant(names(f"{a.name}_{key}"), value, name=f"{mod}/Constant_{suffix or key}"))
+        return nodes[-1].outputs[0]
+
+    def step(op_type: str, inputs: list[ir.Value], key: str, suffix: str, output: str | None = None, **attrs) -> ir.Value:
+        nodes.append(common.op(op_type, inputs, [output or names(f"{a.name}_{key}")], name=f"{mod}/{op_type}_{suffix}",
+                               **attrs))
+        return nodes[-1].outputs[0]
+
+    nodes: list[ir.Node] = []
+    amax = step("ReduceMax", [step("Abs", [a], "abs", "act"), const("axes", np.array([-1], np.int64))], "amax", "act",
+                keepdims=1)
+    raw = step("Mul", [amax, const("inv127", np.array(1 / 127, np.float32))], "raw", "act_scale")
+    a_scale = step("Max", [raw, const("eps", np.array(1e-12, np.float32))], "", "act_scale", output=scale)
+    rounded = step("Round", [step("Div", [a, a_scale], "div", "act")], "round", "act")
+    clipped = step("Clip", [rounded, const("lo", np.array(-127, np.float32)), const("hi", np.array(127, np.float32))],
+                   "clip", "act")
     if not ACT_UINT8:
-        nodes.append(helper.make_node("Cast", [t["clip"]], [q], to=TensorProto.INT8, name=f"{mod}/Cast_act"))
-        return (q, scale, ""), nodes
+        return [step("Cast", [clipped], "", "act", output=q, to=INT8), a_scale, None], nodes
     # uint8 codes around a fixed zero point 128: ORT's fast u8s8 GEMM instead of its slow s8s8 one.
-    shift, shifted, zero = (common.unique_name(graph, f"{a}_{k}") for k in ("c128", "shifted", "zero_point"))
-    nodes += [
-        common.constant(shift, np.array(128, np.float32), name=f"{mod}/Constant_128"),
-        helper.make_node("Add", [t["clip"], shift], [shifted], name=f"{mod}/Add_act_zero"),
-        helper.make_node("Cast", [shifted], [q], to=TensorProto.UINT8, name=f"{mod}/Cast_act"),
-        common.constant(zero, np.array(128, np.uint8), name=f"{mod}/Constant_zero_point"),
-    ]
-    return (q, scale, zero), nodes
+    shifted = step("Add", [clipped, const("c128", np.array(128, np.float32), "128")], "shifted", "act_zero")
+    a_q = step("Cast", [shifted], "", "act", output=q, to=UINT8)
+    return [a_q, a_scale, const("zero_point", np.array(128, np.uint8))], nodes
 
 
-def apply(model: onnx.ModelProto, *, exclude: Sequence[str] = (),
-          keep_lm_head_fp32: bool = KEEP_LM_HEAD_FP32, smooth: bool = SMOOTH) -> dict:
+def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:
     """Quantize `model` in place; returns the manifest's record of the pass."""
     graph = model.graph
-    patterns = tuple(exclude) + (("lm_head",) if keep_lm_head_fp32 else ())
-    smoothed = smoothing.apply(model, exclude=patterns) if smooth else {"smoothing": None}
-    quantized_inputs: dict[str, tuple[str, str, str]] = {}
-    replacements: dict[str, list[onnx.NodeProto]] = {}
+    patterns = settings.exclude + (("lm_head",) if KEEP_LM_HEAD_FP32 else ())
+    smoothed = smooth.apply(model, exclude=patterns) if SMOOTH else {"smoothing": None}
+    names = common.Names(graph)
+    quantized_inputs: dict[ir.Value, list[ir.Value | None]] = {}
     done = []
     qmax = WEIGHT_QMAX if PER_TOKEN and not ACT_UINT8 else WEIGHT_QMAX_U8
     for wm in common.weight_matmuls(graph, exclude=patterns):
         node, mod = wm.node, common.module_name(wm.node)
-        a = node.input[0]
-        new: list[onnx.NodeProto] = []
+        a = node.inputs[0]
+        new: list[ir.Node] = []
         if a not in quantized_inputs:
             # Emitted right before the first MatMul reading A; later readers come after it.
-            quantized_inputs[a], nodes = _quantize_activation(graph, a, mod)
-            new += nodes
+            quantized_inputs[a], new = _quantize_activation(names, a, mod)
         a_q, a_scale, a_zero = quantized_inputs[a]
-        q, scale = _quantize_columns(common.weight_array(graph, wm), qmax)
-        base = wm.weight.replace("/", "_")
-        w_q = common.add_initializer(graph, q, common.unique_name(graph, f"{base}_int8"))
-        w_s = common.add_initializer(graph, scale, common.unique_name(graph, f"{base}_scale"))
-        out = node.output[0]
-        acc, acc_f, s = (common.unique_name(graph, f"{out}_{x}") for x in ("int32", "float", "scale"))
-        new += [
-            helper.make_node("MatMulInteger", [a_q, w_q] + ([a_zero] if a_zero else []), [acc],
-                             name=f"{mod}/MatMulInteger"),
-            helper.make_node("Cast", [acc], [acc_f], to=TensorProto.FLOAT, name=f"{mod}/Cast"),
-            helper.make_node("Mul", [a_scale, w_s], [s], name=f"{mod}/Mul_scale"),
-            helper.make_node("Mul", [acc_f, s], [out], name=f"{mod}/Mul"),
-        ]
-        replacements[out] = new
+        q, scale = _quantize_columns(common.weight_array(wm), qmax)
+        base = wm.weight.name.replace("/", "_")
+        w_q = common.add_initializer(graph, q, names(f"{base}_int8"))
+        w_s = common.add_initializer(graph, scale, names(f"{base}_scale"))
+        old = node.outputs[0]
+        acc, acc_f, s = (names(f"{old.name}_{x}") for x in ("int32", "float", "scale"))
+        out = common.output_like(old)
+        matmul = common.op("MatMulInteger", [a_q, w_q] + ([a_zero] if a_zero is not None else []), [acc],
+                           name=f"{mod}/MatMulInteger")
+        cast = common.op("Cast", [matmul.outputs[0]], [acc_f], to=FLOAT, name=f"{mod}/Cast")
+        mul_s = common.op("Mul", [a_scale, w_s], [s], name=f"{mod}/Mul_scale")
+        mul = common.op("Mul", [cast.outputs[0], mul_s.outputs[0]], [out], name=f"{mod}/Mul")
+        common.replace(graph, [node], [*new, matmul, cast, mul_s, mul], [out])
         done.append(mod)
-    common.replace_nodes(graph, replacements)
-    common.drop_unused_initializers(graph)
-    excluded = [common.module_name(n) for n in graph.node if n.op_type == "MatMul"]
+    common.drop_unused(graph)
+    excluded = [common.module_name(n) for n in graph if n.op_type == "MatMul"]
     return {"pass": "int8-dynamic", "ops": "MatMulInteger" + ("" if PER_TOKEN else " + DynamicQuantizeLinear"),
             "weights": f"int8 symmetric per output channel, codes -{qmax}..{qmax}",
             "activations": "int8 symmetric per token, dynamic" if PER_TOKEN else "uint8 per tensor, dynamic",
-            "matmuls": len(done), "lm_head": "fp32" if keep_lm_head_fp32 else "int8", "embedding": "fp32",
+            "matmuls": len(done), "lm_head": "fp32" if KEEP_LM_HEAD_FP32 else "int8", "embedding": "fp32",
             "excluded": excluded, **smoothed}

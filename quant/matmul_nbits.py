@@ -23,8 +23,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from edgellama.quant import blockwise, common
 
@@ -46,24 +45,87 @@ class Stats:
     excluded: list[str] = dataclasses.field(default_factory=list)
 
 
-def _matmul_nbits(graph: onnx.GraphProto, wm: common.WeightMatMul, packed: blockwise.Packed, *,
-                  accuracy_level: int) -> tuple[onnx.NodeProto, dict[str, str]]:
-    base = wm.weight.replace("/", "_")
-    b = common.add_initializer(graph, packed.data, common.unique_name(graph, f"{base}_Q{packed.bits}"))
-    s = common.add_initializer(graph, packed.scales.reshape(-1), common.unique_name(graph, f"{base}_scales"))
-    inputs = [wm.node.input[0], b, s]
-    zp = packed.zero_points_packed()
-    if zp is not None:
-        inputs.append(common.add_initializer(graph, zp, common.unique_name(graph, f"{base}_zero_points")))
-    node = helper.make_node(
-        "MatMulNBits", inputs, list(wm.node.output), name=common.renamed(wm.node, "MatMulNBits"),
-        domain=common.MS_DOMAIN, K=packed.k, N=packed.n, bits=packed.bits, block_size=packed.block_size,
-        accuracy_level=accuracy_level)
-    return node, {"data": b, "scales": s}
+@dataclasses.dataclass
+class _Rewrite:
+    """One rewrite's graph, fresh names and accuracy level."""
+    graph: ir.Graph
+    names: common.Names
+    accuracy_level: int
 
+    def initializer(self, value: np.ndarray, base: str) -> ir.Value:
+        return common.add_initializer(self.graph, value, self.names(base))
 
-# Stack sibling MatMuls into one MatMulNBits (see the module docstring); False keeps one node each.
-PACK_SIBLINGS = True
+    def matmul_nbits(self, x: ir.Value, packed: blockwise.Packed, *, weight: str, name: str,
+                     output: ir.Value) -> tuple[ir.Node, dict[str, ir.Value]]:
+        base = weight.replace("/", "_")
+        b = self.initializer(packed.data, f"{base}_Q{packed.bits}")
+        s = self.initializer(packed.scales.reshape(-1), f"{base}_scales")
+        inputs = [x, b, s]
+        zp = packed.zero_points_packed()
+        if zp is not None:
+            inputs.append(self.initializer(zp, f"{base}_zero_points"))
+        node = common.op("MatMulNBits", inputs, [output], name=name, domain=common.MS_DOMAIN,
+                         K=packed.k, N=packed.n, bits=packed.bits, block_size=packed.block_size,
+                         accuracy_level=self.accuracy_level)
+        return node, {"data": b, "scales": s}
+
+    def single(self, wm: common.WeightMatMul, packed: blockwise.Packed) -> dict[str, ir.Value]:
+        out = common.output_like(wm.node.outputs[0])
+        node, names = self.matmul_nbits(wm.node.inputs[0], packed, weight=wm.weight.name,
+                                        name=common.renamed(wm.node, "MatMulNBits"), output=out)
+        common.replace(self.graph, [wm.node], [node], [out])
+        return names
+
+    def stacked(self, wms: Sequence[common.WeightMatMul], packs: Sequence[blockwise.Packed]) -> None:
+        """MatMulNBits over the stacked weights, then Split (last axis) into the siblings' outputs.
+        It goes where the first sibling was: all siblings read the same input, and every reader of
+        any sibling's output comes after that point."""
+        mods = [common.module_name(wm.node) for wm in wms]
+        parent = mods[0].rsplit(".", 1)[0] if "." in mods[0] else ""
+        module = (parent + "." if parent else "") + "+".join(m.rsplit(".", 1)[-1] for m in mods)
+        stacked = ir.Value(name=self.names(f"{module}/MatMulNBits_output_0"))
+        node, _ = self.matmul_nbits(wms[0].node.inputs[0], _stack(packs), weight=f"{module}.weight",
+                                    name=f"{module}/MatMulNBits", output=stacked)
+        sizes = self.names(f"{module}/split_sizes")
+        size_node = common.constant(sizes, np.array([p.n for p in packs], np.int64), name=f"{module}/Constant_split")
+        outs = [common.output_like(wm.node.outputs[0]) for wm in wms]
+        split = common.op("Split", [stacked, size_node.outputs[0]], outs, name=f"{module}/Split", axis=-1)
+        common.replace(self.graph, [wm.node for wm in wms], [node, size_node, split], outs)
+
+    def gather_shared(self, node: ir.Node, names: dict[str, ir.Value], packed: blockwise.Packed) -> None:
+        """GatherBlockQuantized over the lm_head's MatMulNBits bytes: [N, nb, blob] -> [N, K*bits/8]."""
+        n, nb = packed.n, packed.n_blocks
+        mod = common.module_name(node)
+        data2d, scales2d = f"{names['data'].name}_2d", f"{names['scales'].name}_2d"
+        # Shapes as Constant nodes, not initializers: the folder stores every initializer externally
+        # and shape inference cannot read a Reshape's shape from external data.
+        shape_d = common.constant(f"{data2d}_shape", np.array([n, nb * packed.data.shape[2]], np.int64),
+                                  name=f"{mod}/Constant_data_shape")
+        shape_s = common.constant(f"{scales2d}_shape", np.array([n, nb], np.int64), name=f"{mod}/Constant_scales_shape")
+        reshape_d = common.op("Reshape", [names["data"], shape_d.outputs[0]], [data2d], name=f"{mod}/Reshape_data")
+        reshape_s = common.op("Reshape", [names["scales"], shape_s.outputs[0]], [scales2d], name=f"{mod}/Reshape_scales")
+        out = common.output_like(node.outputs[0])
+        gather = common.op("GatherBlockQuantized", [reshape_d.outputs[0], node.inputs[1], reshape_s.outputs[0]], [out],
+                           name=common.renamed(node, "GatherBlockQuantized"), domain=common.MS_DOMAIN,
+                           bits=packed.bits, block_size=packed.block_size, quantize_axis=1, gather_axis=0)
+        common.replace(self.graph, [node], [shape_d, shape_s, reshape_d, reshape_s, gather], [out])
+
+    def gather_own(self, node: ir.Node, block_size: int) -> bool:
+        """An int8 symmetric copy of the table [V, H], blocked along H; False when H is not a block multiple."""
+        table = common.array(node.inputs[0])
+        v, h = table.shape
+        if h % block_size:
+            return False
+        packed = blockwise.quantize(table.T, bits=8, block_size=block_size, symmetric=True)
+        base = node.inputs[0].name.replace("/", "_")
+        d = self.initializer(packed.data.reshape(v, h), f"{base}_Q8")
+        s = self.initializer(packed.scales, f"{base}_scales")
+        out = common.output_like(node.outputs[0])
+        gather = common.op("GatherBlockQuantized", [d, node.inputs[1], s], [out],
+                           name=common.renamed(node, "GatherBlockQuantized"), domain=common.MS_DOMAIN,
+                           bits=8, block_size=block_size, quantize_axis=1, gather_axis=0)
+        common.replace(self.graph, [node], [gather], [out])
+        return True
 
 
 def _stack(packs: Sequence[blockwise.Packed]) -> blockwise.Packed:
@@ -76,107 +138,37 @@ def _stack(packs: Sequence[blockwise.Packed]) -> blockwise.Packed:
         block_size=first.block_size, k=first.k)
 
 
-def _packed_matmul(graph: onnx.GraphProto, wms: Sequence[common.WeightMatMul], packs: Sequence[blockwise.Packed],
-                   *, accuracy_level: int) -> list[onnx.NodeProto]:
-    """MatMulNBits over the stacked weights, then Split (last axis) into the siblings' outputs."""
-    mods = [common.module_name(wm.node) for wm in wms]
-    parent = mods[0].rsplit(".", 1)[0] if "." in mods[0] else ""
-    module = (parent + "." if parent else "") + "+".join(m.rsplit(".", 1)[-1] for m in mods)
-    merged = _stack(packs)
-    stacked = common.unique_name(graph, f"{module}/MatMulNBits_output_0")
-    first = common.WeightMatMul(helper.make_node("MatMul", [wms[0].node.input[0], wms[0].weight], [stacked],
-                                                 name=f"{module}/MatMul"), f"{module}.weight", False)
-    node, _ = _matmul_nbits(graph, first, merged, accuracy_level=accuracy_level)
-    sizes = common.unique_name(graph, f"{module}/split_sizes")
-    return [node,
-            common.constant(sizes, np.array([p.n for p in packs], np.int64), name=f"{module}/Constant_split"),
-            helper.make_node("Split", [stacked, sizes], [wm.node.output[0] for wm in wms],
-                             name=f"{module}/Split", axis=-1)]
-
-
-def _gather_shared(graph: onnx.GraphProto, node: onnx.NodeProto, names: dict[str, str],
-                   packed: blockwise.Packed) -> list[onnx.NodeProto]:
-    """GatherBlockQuantized over the lm_head's MatMulNBits bytes: [N, nb, blob] -> [N, K*bits/8]."""
-    n, nb = packed.n, packed.n_blocks
-    mod = common.module_name(node)
-    data2d, scales2d = f"{names['data']}_2d", f"{names['scales']}_2d"
-    # Shapes as Constant nodes, not initializers: the folder stores every initializer externally
-    # and shape inference cannot read a Reshape's shape from external data.
-    shape_d, shape_s = f"{data2d}_shape", f"{scales2d}_shape"
-    return [
-        common.constant(shape_d, np.array([n, nb * packed.data.shape[2]], np.int64), name=f"{mod}/Constant_data_shape"),
-        common.constant(shape_s, np.array([n, nb], np.int64), name=f"{mod}/Constant_scales_shape"),
-        helper.make_node("Reshape", [names["data"], shape_d], [data2d], name=f"{mod}/Reshape_data"),
-        helper.make_node("Reshape", [names["scales"], shape_s], [scales2d], name=f"{mod}/Reshape_scales"),
-        helper.make_node("GatherBlockQuantized", [data2d, node.input[1], scales2d], list(node.output),
-                         name=common.renamed(node, "GatherBlockQuantized"), domain=common.MS_DOMAIN,
-                         bits=packed.bits, block_size=packed.block_size, quantize_axis=1, gather_axis=0),
-    ]
-
-
-def _gather_own(graph: onnx.GraphProto, node: onnx.NodeProto, table: np.ndarray,
-                block_size: int) -> list[onnx.NodeProto] | None:
-    """An int8 symmetric copy of the table [V, H], blocked along H; None when H is not a block multiple."""
-    v, h = table.shape
-    if h % block_size:
-        return None
-    packed = blockwise.quantize(table.T, bits=8, block_size=block_size, symmetric=True)
-    base = node.input[0].replace("/", "_")
-    d = common.add_initializer(graph, packed.data.reshape(v, h), common.unique_name(graph, f"{base}_Q8"))
-    s = common.add_initializer(graph, packed.scales, common.unique_name(graph, f"{base}_scales"))
-    return [helper.make_node("GatherBlockQuantized", [d, node.input[1], s], list(node.output),
-                             name=common.renamed(node, "GatherBlockQuantized"), domain=common.MS_DOMAIN,
-                             bits=8, block_size=block_size, quantize_axis=1, gather_axis=0)]
-
-
-def rewrite(model: onnx.ModelProto, *, choose: Callable[[common.WeightMatMul], Choice], block_size: int,
-            accuracy_level: int, exclude: Sequence[str] = (), quantize_embedding: bool = True) -> Stats:
+def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice], block_size: int,
+            accuracy_level: int, exclude: Sequence[str] = ()) -> Stats:
     """Rewrite `model` in place; `choose` gives each weight MatMul's bits and scale rule."""
     graph = model.graph
+    edit = _Rewrite(graph, common.Names(graph), accuracy_level)
     stats = Stats()
-    replacements: dict[str, list[onnx.NodeProto]] = {}
-    quantized: dict[str, tuple[blockwise.Packed, dict[str, str]]] = {}   # weight name (transposed) -> packed
+    tied: dict[str, tuple[blockwise.Packed, dict[str, ir.Value]]] = {}   # weight name (transposed) -> packed
     groups: dict[tuple[str, Choice], list[tuple[common.WeightMatMul, blockwise.Packed]]] = {}
     for wm in common.weight_matmuls(graph, exclude=exclude):
         c = choose(wm)
-        packed = blockwise.quantize(common.weight_array(graph, wm), bits=c.bits, block_size=c.block_size or block_size,
-                                    symmetric=c.symmetric, search=c.search,
-                                    float_zero_points=c.float_zero_points)
+        packed = blockwise.quantize(common.weight_array(wm), bits=c.bits, block_size=c.block_size or block_size,
+                                    symmetric=c.symmetric, search=c.search, float_zero_points=c.float_zero_points)
         stats.matmuls[common.module_name(wm.node)] = c.bits
         if wm.transposed:
             # A tied lm_head: its bytes are shared with the embedding below, so it stays its own node.
-            node, names = _matmul_nbits(graph, wm, packed, accuracy_level=accuracy_level)
-            replacements[wm.node.output[0]] = [node]
-            quantized[wm.weight] = (packed, names)
+            tied[wm.weight.name] = (packed, edit.single(wm, packed))
         else:
-            key = (wm.node.input[0] if PACK_SIBLINGS else wm.node.output[0], c)
-            groups.setdefault(key, []).append((wm, packed))
+            groups.setdefault((wm.node.inputs[0].name, c), []).append((wm, packed))
     for members in groups.values():
         if len(members) == 1:
-            wm, packed = members[0]
-            replacements[wm.node.output[0]] = [_matmul_nbits(graph, wm, packed, accuracy_level=accuracy_level)[0]]
-            continue
-        wms, packs = [m[0] for m in members], [m[1] for m in members]
-        # The stacked node goes where the first sibling was: all siblings read the same input, and
-        # every reader of any sibling's output comes after that point.
-        replacements[wms[0].node.output[0]] = _packed_matmul(graph, wms, packs, accuracy_level=accuracy_level)
-        for wm in wms[1:]:
-            replacements[wm.node.output[0]] = []
-    stats.excluded = [common.module_name(n) for n in graph.node
-                      if n.op_type == "MatMul" and common.excluded(n, exclude)]
-    if quantize_embedding:
-        inits = common.initializers(graph)
-        for node in common.embedding_gathers(graph, exclude=exclude):
-            shared = quantized.get(node.input[0])
-            if shared is not None and shared[0].zero_points is None and shared[0].k % shared[0].block_size == 0:
-                replacements[node.output[0]] = _gather_shared(graph, node, shared[1], shared[0])
-                stats.embedding = f"shared with lm_head (int{shared[0].bits})"
-                continue
-            own = _gather_own(graph, node, onnx.numpy_helper.to_array(inits[node.input[0]]), block_size)
-            if own is not None:
-                replacements[node.output[0]] = own
-                stats.embedding = "int8"
-    common.replace_nodes(graph, replacements)
-    common.drop_unused_initializers(graph)
+            edit.single(*members[0])
+        else:
+            edit.stacked([m[0] for m in members], [m[1] for m in members])
+    stats.excluded = [common.module_name(n) for n in graph if common.is_op(n, "MatMul") and common.excluded(n, exclude)]
+    for node in common.embedding_gathers(graph, exclude=exclude):
+        shared = tied.get(node.inputs[0].name)
+        if shared is not None and shared[0].zero_points is None and shared[0].k % shared[0].block_size == 0:
+            edit.gather_shared(node, shared[1], shared[0])
+            stats.embedding = f"shared with lm_head (int{shared[0].bits})"
+        elif edit.gather_own(node, block_size):
+            stats.embedding = "int8"
+    common.drop_unused(graph)
     common.ensure_opset(model, common.MS_DOMAIN, 1)
     return stats

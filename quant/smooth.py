@@ -27,13 +27,10 @@ int4 mean KL 0.173 with the norms alone -> 0.130 with the MLP pairs too (alpha 0
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
 
 from edgellama.quant import common
 
@@ -44,114 +41,127 @@ ALPHA = 0.5
 CALIBRATION_TOKENS = 512
 
 
-def _targets(graph: onnx.GraphProto, exclude: Sequence[str]) -> list[tuple[onnx.NodeProto, int, list[onnx.NodeProto]]]:
-    inits = common.initializers(graph)
-    readers = common.readers(graph)
-    outputs = {o.name for o in graph.output}
+def _only_reader(value: ir.Value) -> bool:
+    return len(value.uses()) == 1
+
+
+def norm_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node, int, list[ir.Node]]]:
+    """(norm, gamma input index, the weight MatMuls reading the norm) for each norm that can be smoothed."""
     found = []
-    for n in graph.node:
+    for n in graph:
         idx = NORMS.get((n.domain or "", n.op_type))
-        if idx is None or len(n.input) <= idx or n.input[idx] not in inits:
+        if idx is None or len(n.inputs) <= idx or not common.is_float_initializer(n.inputs[idx]):
             continue
-        gamma = n.input[idx]
-        users = readers.get(n.output[0], [])
-        if (len(readers.get(gamma, [])) != 1 or not users or n.output[0] in outputs
-                or inits[gamma].data_type != TensorProto.FLOAT):
+        out = n.outputs[0]
+        users = [u.node for u in out.uses()]
+        if not _only_reader(n.inputs[idx]) or not users or out.is_graph_output():
             continue
-        if all(u.op_type == "MatMul" and u.domain in ("", "ai.onnx") and u.input[0] == n.output[0]
-               and u.input[1] in inits and len(readers[u.input[1]]) == 1 and not common.excluded(u, exclude)
-               for u in users):
+        if all(common.is_op(u, "MatMul") and u.inputs[0] is out and u.inputs[1].is_initializer()
+               and _only_reader(u.inputs[1]) and not common.excluded(u, exclude) for u in users):
             found.append((n, idx, users))
     return found
 
 
-def _mlp_targets(graph: onnx.GraphProto, exclude: Sequence[str]) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+def mlp_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node, ir.Node, ir.Node]]:
     """(up MatMul, product Mul, down MatMul) triples: down reads `Mul(act, up)` and nothing else
     reads up's output, the product, or either weight."""
-    inits = common.initializers(graph)
-    readers = common.readers(graph)
-    producer = common.producers(graph)
-    outputs = {o.name for o in graph.output}
-
-    def weight_matmul(n: onnx.NodeProto | None) -> bool:
-        return (n is not None and n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits
-                and len(readers.get(n.input[1], [])) == 1 and inits[n.input[1]].data_type == TensorProto.FLOAT
-                and not common.excluded(n, exclude))
+    def weight_matmul(n: ir.Node | None) -> bool:
+        return (n is not None and common.is_op(n, "MatMul") and common.is_float_initializer(n.inputs[1])
+                and _only_reader(n.inputs[1]) and not common.excluded(n, exclude))
 
     found = []
-    for down in graph.node:
+    for down in graph:
         if not weight_matmul(down):
             continue
-        mul = producer.get(down.input[0])
-        if mul is None or mul.op_type != "Mul" or len(readers.get(mul.output[0], [])) != 1 or mul.output[0] in outputs:
+        mul = down.inputs[0].producer()
+        if mul is None or mul.op_type != "Mul" or not _only_reader(mul.outputs[0]) or mul.outputs[0].is_graph_output():
             continue
-        ups = [producer.get(i) for i in mul.input]
-        ups = [u for u in ups if weight_matmul(u) and len(readers.get(u.output[0], [])) == 1
-               and u.output[0] not in outputs]
-        if len(ups) == 1 and mul.input[0] != mul.input[1]:
+        ups = [i.producer() for i in mul.inputs]
+        ups = [u for u in ups if weight_matmul(u) and _only_reader(u.outputs[0]) and not u.outputs[0].is_graph_output()]
+        if len(ups) == 1 and mul.inputs[0] is not mul.inputs[1]:
             found.append((ups[0], mul, down))
     return found
 
 
-def _calibrate(model: onnx.ModelProto, names: list[str], *, tokens: int, seed: int) -> list[np.ndarray]:
-    """Per-channel max |value| of each named tensor over one prefill of random token ids."""
-    import onnxruntime as ort
-
-    from edgellama import folder
-
+def _calibrate(model: ir.Model, values: list[ir.Value], *, tokens: int, seed: int) -> list[np.ndarray]:
+    """Per-channel max |value| of each value over one prefill of random token ids."""
     graph = model.graph
-    vocab = next(t.dims[0] for t in graph.initializer
-                 if any(n.op_type == "Gather" and n.input[0] == t.name for n in graph.node))
-    added = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names]
-    graph.output.extend(added)
+    vocab = next(v.const_value.shape[0] for v in graph.initializers.values()
+                 if any(u.node.op_type == "Gather" and u.idx == 0 for u in v.uses()))
+    untyped = [v for v in values if v.type is None]
+    for v in untyped:
+        v.type = ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.extend(values)
     try:
-        with tempfile.TemporaryDirectory(prefix="edgellama-calib-") as tmp:
-            folder.save_model(model, Path(tmp))
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            sess = ort.InferenceSession(str(Path(tmp) / folder.MODEL), so, providers=["CPUExecutionProvider"])
-            # Rows of 128 tokens: within any model's context (tiny's is 256).
-            b, n = max(1, tokens // 128), min(tokens, 128)
-            ids = np.random.default_rng(seed).integers(0, vocab, (b, n)).astype(np.int64)
-            feeds = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
-                     "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
-            for i in sess.get_inputs():
-                if i.name.startswith("past_key_values."):
-                    feeds[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
-            outs = sess.run(names, feeds)
+        sess = _session(model)
     finally:
-        for v in added:
-            graph.output.remove(v)
+        for _ in values:
+            graph.outputs.pop()
+        for v in untyped:
+            v.type = None
+    # Rows of 128 tokens: within any model's context (tiny's is 256).
+    b, n = max(1, tokens // 128), min(tokens, 128)
+    ids = np.random.default_rng(seed).integers(0, vocab, (b, n)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
+             "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
+    outs = sess.run([v.name for v in values], feeds)
     return [np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float64) for x in outs]
 
 
-def apply(model: onnx.ModelProto, *, alpha: float = ALPHA, tokens: int = CALIBRATION_TOKENS, seed: int = 0,
+def _session(model: ir.Model):
+    """An ONNX Runtime CPU session of `model`, built in memory: the graph is serialized with every
+    initializer as an external reference and ONNX Runtime reads the weights from the numpy arrays
+    (no copy through the disk, and no 2 GB protobuf limit)."""
+    import onnxruntime as ort
+
+    weights = {name: v.const_value for name, v in model.graph.initializers.items()}
+    arrays = {name: t.numpy() for name, t in weights.items()}
+    try:
+        for name, v in model.graph.initializers.items():
+            t = weights[name]
+            v.const_value = ir.ExternalTensor("in-memory", 0, arrays[name].nbytes, t.dtype, shape=t.shape, name=name)
+        proto = ir.to_proto(model)
+    finally:
+        for name, v in model.graph.initializers.items():
+            v.const_value = weights[name]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                                                for a in arrays.values()])
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def apply(model: ir.Model, *, alpha: float = ALPHA, tokens: int = CALIBRATION_TOKENS, seed: int = 0,
           exclude: Sequence[str] = (), mlp: bool = False) -> dict:
     """Fold smoothing factors into `model` (fp32, in place); returns the manifest's record."""
     graph = model.graph
-    targets = _targets(graph, exclude)
-    mlps = _mlp_targets(graph, exclude) if mlp else []
+    targets = norm_targets(graph, exclude)
+    mlps = mlp_targets(graph, exclude) if mlp else []
     if not targets and not mlps:
         return {"smoothing": None}
     # One calibration pass before any edit: every fold below is exact, so the order is free.
-    names = [n.output[0] for n, _, _ in targets] + [mul.output[0] for _, mul, _ in mlps]
-    amaxes = _calibrate(model, names, tokens=tokens, seed=seed)
-    inits = common.initializers(graph)
+    values = [n.outputs[0] for n, _, _ in targets] + [mul.outputs[0] for _, mul, _ in mlps]
+    amaxes = _calibrate(model, values, tokens=tokens, seed=seed)
+
+    def f64(v: ir.Value) -> np.ndarray:
+        return common.array(v).astype(np.float64)
+
     for (norm, idx, users), amax in zip(targets, amaxes):
-        gamma_name = norm.input[idx]
-        gamma = numpy_helper.to_array(inits[gamma_name]).astype(np.float64)
-        weights = [numpy_helper.to_array(inits[u.input[1]]).astype(np.float64) for u in users]
+        gamma = f64(norm.inputs[idx])
+        weights = [f64(u.inputs[1]) for u in users]
         wmax = np.max([np.abs(w).max(1) for w in weights], axis=0)          # per input channel
         s = _factors(amax, wmax, alpha)
-        inits[gamma_name].CopyFrom(numpy_helper.from_array((gamma / s).astype(np.float32), gamma_name))
+        common.set_array(norm.inputs[idx], (gamma / s).astype(np.float32))
         for u, w in zip(users, weights):
-            inits[u.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), u.input[1]))
+            common.set_array(u.inputs[1], (w * s[:, None]).astype(np.float32))
     for (up, _mul, down), amax in zip(mlps, amaxes[len(targets):]):
-        w_up = numpy_helper.to_array(inits[up.input[1]]).astype(np.float64)       # [K, I]
-        w_down = numpy_helper.to_array(inits[down.input[1]]).astype(np.float64)   # [I, N]
+        w_up, w_down = f64(up.inputs[1]), f64(down.inputs[1])        # [K, I], [I, N]
         s = _factors(amax, np.abs(w_down).max(1), alpha)
-        inits[up.input[1]].CopyFrom(numpy_helper.from_array((w_up / s[None, :]).astype(np.float32), up.input[1]))
-        inits[down.input[1]].CopyFrom(numpy_helper.from_array((w_down * s[:, None]).astype(np.float32), down.input[1]))
+        common.set_array(up.inputs[1], (w_up / s[None, :]).astype(np.float32))
+        common.set_array(down.inputs[1], (w_down * s[:, None]).astype(np.float32))
     return {"smoothing": {"alpha": alpha, "norms": len(targets), "mlp": len(mlps),
                           "calibration": f"{tokens} random token ids in rows of 128, seed {seed}"}}
 

@@ -130,7 +130,7 @@ def test_fine_blocks_for_named_projections(tmp_path_factory, tmp_path, monkeypat
     from edgellama.quant import int8
 
     src = shared_tiny(tmp_path_factory)
-    monkeypatch.setattr(int8, "FINE_BLOCK", 16)
+    monkeypatch.setattr(int8, "PROJECTION_BLOCK_SIZES", {"lm_head": 16, "down_proj": 16})
     q = quantize_folder(src, tmp_path / "fine", mode="int8")
     model = onnx.load(q / "model.onnx", load_external_data=False)
     blocks = {n.name: helper.get_node_attr_value(n, "block_size") for n in model.graph.node if n.op_type == "MatMulNBits"}

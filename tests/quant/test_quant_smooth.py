@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import pytest
-from onnx import numpy_helper
 
 from edgellama import folder
 from edgellama.quant import smooth
@@ -16,14 +15,14 @@ from tests.quant.conftest import TARGETS, ids, logits, shared_tiny
 @pytest.mark.parametrize("target", TARGETS)
 def test_fp32_function_unchanged(target, tmp_path_factory, tmp_path):
     src = shared_tiny(tmp_path_factory, target)
-    model = folder.load_model_proto(src)
-    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    model = folder.load_model_ir(src)
+    before = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items()}
     record = smooth.apply(model, mlp=True)
     layers = folder.read_manifest(src).config["num_hidden_layers"]
     # Both norms of each layer (q/k/v and gate/up readers); tiny's untied lm_head adds the final norm.
     assert record["smoothing"]["norms"] == 2 * layers + 1
-    changed = [t.name for t in model.graph.initializer
-               if not np.array_equal(numpy_helper.to_array(t), before[t.name])]
+    changed = [name for name, v in model.graph.initializers.items()
+               if not np.array_equal(v.const_value.numpy(), before[name])]
     assert record["smoothing"]["mlp"] == layers
     # gammas + the weights they feed (q/k/v/gate/up, lm_head) + down_proj (its up_proj pair is in the 5)
     assert len(changed) == (2 * layers + 1) + 5 * layers + 1 + layers
@@ -37,16 +36,16 @@ def test_fp32_function_unchanged(target, tmp_path_factory, tmp_path):
 @pytest.mark.parametrize("target", TARGETS)
 def test_mlp_pairs_found_and_refused(target, tmp_path_factory):
     src = shared_tiny(tmp_path_factory, target)
-    model = folder.load_model_proto(src)
+    model = folder.load_model_ir(src)
     layers = folder.read_manifest(src).config["num_hidden_layers"]
-    pairs = smooth._mlp_targets(model.graph, ())
+    pairs = smooth.mlp_targets(model.graph, ())
     assert len(pairs) == layers
     assert all(".up_proj" in up.name and ".down_proj" in down.name for up, _, down in pairs)
     # Excluding down_proj, or a second reader of up_proj's output, takes the pair out.
-    assert smooth._mlp_targets(model.graph, ["*down_proj*"]) == []
+    assert smooth.mlp_targets(model.graph, ["*down_proj*"]) == []
     up, _, _ = pairs[0]
-    model.graph.node.append(onnx.helper.make_node("Identity", [up.output[0]], ["extra_reader"]))
-    assert len(smooth._mlp_targets(model.graph, ())) == layers - 1
+    model.graph.append(ir.node("Identity", [up.outputs[0]]))
+    assert len(smooth.mlp_targets(model.graph, ())) == layers - 1
 
 
 def test_recorded_only_with_int8_activations(tmp_path_factory, tmp_path):

@@ -106,6 +106,11 @@ def _kv_view(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
+def _feed_back(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The next decode step's input ids [B, 1] and attention mask (one more valid slot per row)."""
+    return tokens[:, None], np.concatenate([mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+
+
 def teacher_forced(ref: Any, cand: Any, batch: Batch, *, steps: int,
                    probes: bool = False) -> dict[str, Any]:
     """Prefill + `steps` decode steps, both sides fed the reference's greedy tokens.
@@ -140,11 +145,10 @@ def teacher_forced(ref: Any, cand: Any, batch: Batch, *, steps: int,
         tokens.append(nxt)
         if step == steps:
             break
-        ids = nxt[:, None]
-        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+        ids, mask = _feed_back(nxt, mask)
     kv_valid = mask.astype(bool)
     kv = merge([tensor_metrics(_kv_view(rk), _kv_view(ck), kv_valid) for (rk, rv), (ck, cv) in
-                  zip(ref_past, cand_past) for rk, ck in ((rk, ck), (rv, cv))]) if ref_past else {}
+                zip(ref_past, cand_past) for rk, ck in ((rk, ck), (rv, cv))]) if ref_past else {}
     return {"per_step": per_step, "kv": kv, "tokens": np.stack(tokens, axis=1),
             "blocks": {k: merge(v) for k, v in blocks.items()}}
 
@@ -152,16 +156,14 @@ def teacher_forced(ref: Any, cand: Any, batch: Batch, *, steps: int,
 def free_running(side: Any, batch: Batch, *, steps: int) -> np.ndarray:
     """Greedy tokens [B, steps+1] of one side consuming its own choices (EOS does not stop it)."""
     ids, mask = batch.input_ids, batch.attention_mask
-    b = ids.shape[0]
-    past, tokens = side.empty_past(b), []
+    past, tokens = side.empty_past(ids.shape[0]), []
     for step in range(steps + 1):
         logits, past, _ = side.forward(ids, mask, positions_from_mask(mask, ids.shape[1]), past)
         nxt = logits[:, -1].argmax(-1).astype(np.int64)
         tokens.append(nxt)
         if step == steps:
             break
-        ids = nxt[:, None]
-        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+        ids, mask = _feed_back(nxt, mask)
     return np.stack(tokens, axis=1)
 
 

@@ -6,7 +6,8 @@ where `past`/`present` is a list of (key, value) arrays [B, H_kv, T, D] per laye
 a probe key (see PROBES) to that block's output [B, S, F] when the side was opened with probes.
 
 `TorchSide` runs the fp32 torch blocks (export/model.py); `OrtSide` an exported folder through
-`runtime/session.py`'s OrtModel. Torch is imported only by the torch side.
+`runtime/session.py`'s OrtModel, its probes through a second session on the graph edited in memory
+to output the block values (`with_outputs`). Torch is imported only by the torch side.
 """
 
 from __future__ import annotations

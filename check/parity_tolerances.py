@@ -1,6 +1,6 @@
 """Parity tolerances per precision, each value with the reason it is what it is.
 
-A key names a metric of `parity_metrics` and the quantity it gates; `None` means reported but not
+A key names a metric of `check/metrics.py` and the quantity it gates; `None` means reported but not
 gated. Errors (`max_abs`, `max_rel`, `kl_*`, `kv_max_rel`, `block_rel`) are upper bounds;
 agreements (`cosine`, `top1`, `top5`, `kv_cosine`, `greedy_match`) are lower bounds.
 `--tolerance KEY=VALUE` overrides one key (`VALUE` may be `none` to stop gating it).
@@ -9,7 +9,6 @@ agreements (`cosine`, `top1`, `top5`, `kv_cosine`, `greedy_match`) are lower bou
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from edgellama.errors import EdgellamaError
 

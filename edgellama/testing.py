@@ -19,8 +19,8 @@ def assert_parity(model: str | Path, *, reference: str | Path = "torch", provide
                   **kwargs: Any) -> dict[str, Any]:
     """Assert that `model` passes parity against `reference`; returns the JSON report when it does.
 
-    `tolerances` overrides keys of the precision's table (runtime/parity_tolerances.py), as
-    `--tolerance KEY=VALUE` does; other keyword arguments go to `runtime.parity.run_parity`.
+    `tolerances` overrides keys of the precision's table (check/parity_tolerances.py), as
+    `--tolerance KEY=VALUE` does; other keyword arguments go to `edgellama.check.parity.run_parity`.
     """
     from edgellama.check import parity, parity_report
 

@@ -40,10 +40,10 @@ def perturb(src, dst, *, layer: int, block: str, scale: float = 0.5):
     (the initializer feeding that module's MatMul), and rewrite the manifest's hashes."""
     import onnx
 
-    from edgellama import folder as F
+    from edgellama import folder as model_folder
 
     shutil.copytree(src, dst)
-    proto = onnx.load(dst / F.MODEL, load_external_data=False)
+    proto = onnx.load(dst / model_folder.MODEL, load_external_data=False)
     module = {"o_proj": "self_attn.o_proj", "mlp": "mlp.down_proj", "q_proj": "self_attn.q_proj"}[block]
     node = next(n for n in proto.graph.node if n.name.startswith(f"model.layers.{layer}.{module}/"))
     init = next(t for t in proto.graph.initializer if t.name in node.input)
@@ -57,7 +57,7 @@ def perturb(src, dst, *, layer: int, block: str, scale: float = 0.5):
         value = np.frombuffer(f.read(4), np.float32)[0]
         f.seek(offset + 4 * 7)
         f.write(np.float32(value + scale).tobytes())
-    F.write_manifest(dst, F.read_manifest(dst))
+    model_folder.write_manifest(dst, model_folder.read_manifest(dst))
     return dst
 
 

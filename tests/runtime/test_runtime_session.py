@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgellama.errors import ModelFolderError, ProviderError, RuntimeInputError
-from edgellama.export import config as C
-from edgellama import folder as F
-from edgellama.runtime import session as S
+from edgellama import folder as model_folder
+from edgellama.runtime import session
 
 from tests.conftest import HIDDEN, LAYERS, VOCAB, build_toy, toy_reference  # noqa: E402
 
@@ -27,7 +25,7 @@ def toy(tmp_path_factory):
 
 
 def test_forward_matches_reference_and_cache_is_concatenated(toy):
-    m = S.OrtModel(toy, provider="cpu")
+    m = session.OrtModel(toy, provider="cpu")
     assert m.provider == "cpu" and m.kv_dtype == np.float32 and m.config.vocab_size == VOCAB
     ids = np.array([[3, 4, 5]])
     mask = np.ones((1, 3), np.int64)
@@ -43,7 +41,7 @@ def test_forward_matches_reference_and_cache_is_concatenated(toy):
 
 
 def test_past_as_pairs_is_accepted(toy):
-    m = S.OrtModel(toy, provider="cpu")
+    m = session.OrtModel(toy, provider="cpu")
     flat = m.empty_past(2)
     pairs = list(zip(flat[0::2], flat[1::2]))
     ids, mask, pos = np.array([[1, 2], [3, 4]]), np.ones((2, 2), np.int64), np.array([[0, 1], [0, 1]])
@@ -53,7 +51,7 @@ def test_past_as_pairs_is_accepted(toy):
 
 
 def test_bad_token_ids_and_positions_are_typed_errors(toy):
-    m = S.OrtModel(toy, provider="cpu")
+    m = session.OrtModel(toy, provider="cpu")
     with pytest.raises(RuntimeInputError, match="token id 11 is outside the vocabulary"):
         m.forward(np.array([[11]]), np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64), m.empty_past(1))
     with pytest.raises(RuntimeInputError, match="outside the vocabulary"):
@@ -66,22 +64,22 @@ def test_bad_token_ids_and_positions_are_typed_errors(toy):
 
 def test_missing_and_corrupted_files(toy, tmp_path):
     with pytest.raises(ModelFolderError, match="no such directory"):
-        S.OrtModel(tmp_path / "absent", provider="cpu")
+        session.OrtModel(tmp_path / "absent", provider="cpu")
     broken = tmp_path / "broken"
     shutil.copytree(toy, broken)
-    (broken / F.DATA).unlink()
+    (broken / model_folder.DATA).unlink()
     with pytest.raises(ModelFolderError, match="model.onnx.data is missing"):
-        S.OrtModel(broken, provider="cpu")
+        session.OrtModel(broken, provider="cpu")
     shutil.rmtree(broken)
     shutil.copytree(toy, broken)
-    data = bytearray((broken / F.DATA).read_bytes())
+    data = bytearray((broken / model_folder.DATA).read_bytes())
     data[0] ^= 0xFF
-    (broken / F.DATA).write_bytes(bytes(data))
+    (broken / model_folder.DATA).write_bytes(bytes(data))
     with pytest.raises(ModelFolderError, match="corrupted"):
-        S.OrtModel(broken, provider="cpu")
-    (broken / F.MANIFEST).write_text("{not json")
+        session.OrtModel(broken, provider="cpu")
+    (broken / model_folder.MANIFEST).write_text("{not json")
     with pytest.raises(ModelFolderError, match="corrupted"):
-        S.OrtModel(broken, provider="cpu")
+        session.OrtModel(broken, provider="cpu")
 
 
 def test_external_data_outside_the_folder_is_refused(toy, tmp_path):
@@ -89,36 +87,37 @@ def test_external_data_outside_the_folder_is_refused(toy, tmp_path):
 
     evil = tmp_path / "evil"
     shutil.copytree(toy, evil)
-    shutil.copy(toy / F.DATA, tmp_path / "outside.data")
-    model = onnx.load(evil / F.MODEL, load_external_data=False)
+    shutil.copy(toy / model_folder.DATA, tmp_path / "outside.data")
+    model = onnx.load(evil / model_folder.MODEL, load_external_data=False)
     for t in model.graph.initializer:
         for e in t.external_data:
             if e.key == "location":
                 e.value = "../outside.data"
-    onnx.save(model, evil / F.MODEL)
-    F.write_manifest(evil, F.read_manifest(evil))  # hashes that match: the location check alone must refuse it
+    onnx.save(model, evil / model_folder.MODEL)
+    # hashes that match: the location check alone must refuse it
+    model_folder.write_manifest(evil, model_folder.read_manifest(evil))
     with pytest.raises(ModelFolderError, match="points outside the model folder"):
-        S.OrtModel(evil, provider="cpu")
+        session.OrtModel(evil, provider="cpu")
 
 
 def test_contract_violations_are_folder_errors(toy, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(toy, bad)
-    manifest = json.loads((bad / F.MANIFEST).read_text())
+    manifest = json.loads((bad / model_folder.MANIFEST).read_text())
     manifest["config"]["num_hidden_layers"] = 3   # the graph has 2 layers of past inputs
-    (bad / F.MANIFEST).write_text(json.dumps(manifest))
+    (bad / model_folder.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelFolderError, match="graph contract .*past_key_values.2.key"):
-        S.OrtModel(bad, provider="cpu")
+        session.OrtModel(bad, provider="cpu")
 
 
 def test_provider_choice(toy, monkeypatch):
     with pytest.raises(ProviderError, match="unknown provider 'tpu'"):
-        S.OrtModel(toy, provider="tpu")
-    monkeypatch.setattr(S, "cuda_status", lambda: (False, "no GPU in this test"))
+        session.OrtModel(toy, provider="tpu")
+    monkeypatch.setattr(session, "cuda_status", lambda: (False, "no GPU in this test"))
     with pytest.raises(ProviderError, match="CUDA is not available: no GPU in this test"):
-        S.OrtModel(toy, provider="cuda")
+        session.OrtModel(toy, provider="cuda")
     notes = []
-    assert S.resolve_provider("auto", notice=notes.append) == "cpu"
+    assert session.resolve_provider("auto", notice=notes.append) == "cpu"
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
@@ -126,7 +125,7 @@ def test_provider_choice(toy, monkeypatch):
 
 
 def test_cuda_status_is_consistent_with_ort():
-    ok, reason = S.cuda_status()
+    ok, reason = session.cuda_status()
     assert isinstance(reason, str) and "\n" not in reason
     if ok:
         import onnxruntime
@@ -136,18 +135,18 @@ def test_cuda_status_is_consistent_with_ort():
 
 def test_threads_and_optimization_are_checked(toy):
     with pytest.raises(RuntimeInputError, match="threads must be at least 1"):
-        S.OrtModel(toy, provider="cpu", threads=0)
+        session.OrtModel(toy, provider="cpu", threads=0)
     with pytest.raises(RuntimeInputError, match="unknown optimization level"):
-        S.OrtModel(toy, provider="cpu", optimization="max")
-    m = S.OrtModel(toy, provider="cpu", threads=1, optimization="disable")
+        session.OrtModel(toy, provider="cpu", optimization="max")
+    m = session.OrtModel(toy, provider="cpu", threads=1, optimization="disable")
     assert m.threads == 1
 
 
 @pytest.mark.cuda
 def test_cuda_session_runs_on_cuda(toy):
-    if not S.cuda_status()[0]:
+    if not session.cuda_status()[0]:
         pytest.skip("onnxruntime has no usable CUDAExecutionProvider here")
-    m = S.OrtModel(toy, provider="cuda")
+    m = session.OrtModel(toy, provider="cuda")
     assert m.strict and m.session.get_providers()[0] == "CUDAExecutionProvider"
     ids, mask = np.array([[3, 4]]), np.ones((1, 2), np.int64)
     logits = m.forward(ids, mask, np.arange(2)[None], m.empty_past(1))[0]

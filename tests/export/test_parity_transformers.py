@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")   # a dev extra
 from edgellama.export import config as presets  # noqa: E402
 from edgellama.export import sources  # noqa: E402
 from edgellama.export.model import Llama, greedy_generate, positions_from_mask  # noqa: E402
-from tests.conftest import left_padded_batch  # noqa: E402
+from tests.conftest import left_padded_batch, seeded_llama  # noqa: E402
 
 TOL = 1e-4
 DECODE_STEPS = 16
@@ -81,7 +81,7 @@ def hf_greedy(hf, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny_pair(request):
     config = presets.tiny(**VARIANTS[request.param])
-    ours = sources.random_llama(config, seed=7)
+    ours = seeded_llama(config, seed=7)
     return request.param, ours, reference(ours)
 
 
@@ -171,7 +171,7 @@ def test_smollm2_weights_equal_transformers_gguf_loader(smollm2):
 
 def test_comparison_sees_a_rope_difference():
     """The harness is sensitive: the same weights under another rope scaling differ well past TOL."""
-    ours = sources.random_llama(presets.tiny(**VARIANTS["llama3-rope"]), seed=7)
-    plain = sources.random_llama(presets.tiny(rope_theta=500000.0), seed=7)
+    ours = seeded_llama(presets.tiny(**VARIANTS["llama3-rope"]), seed=7)
+    plain = seeded_llama(presets.tiny(rope_theta=500000.0), seed=7)
     ids, mask = left_padded_batch(ours.config.vocab_size, (40,), seed=5)
     assert diff_vs_transformers(ours, reference(plain), ids, mask, 2) > 100 * TOL

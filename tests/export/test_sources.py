@@ -14,6 +14,7 @@ from edgellama.errors import SourceError
 from edgellama.export import config as presets
 from edgellama.export import sources
 from edgellama.export.model import positions_from_mask, rope_inv_freq
+from tests.conftest import seeded_llama
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -307,7 +308,7 @@ def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges
 @pytest.mark.parametrize("tied", [False, True])
 def test_gguf_f32_round_trip_undoes_the_qk_permutation(tmp_path, tied):
     config = presets.tiny(num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
-    model = sources.random_llama(config, seed=3)
+    model = seeded_llama(config, seed=3)
     path = write_gguf(tmp_path / "m.gguf", model)
     loaded, tok, info = sources.load_model(str(path))
     assert loaded.config == config
@@ -322,7 +323,7 @@ def test_gguf_f32_round_trip_undoes_the_qk_permutation(tmp_path, tied):
 def test_gguf_quantized_tensors_are_dequantized(tmp_path):
     import gguf
 
-    model = sources.random_llama(presets.tiny(), seed=4)
+    model = seeded_llama(presets.tiny(), seed=4)
     path = write_gguf(tmp_path / "q8.gguf", model, qtype=gguf.GGMLQuantizationType.Q8_0)
     loaded = sources.load_model(path)[0]
     ref, got = state(model), state(loaded)
@@ -337,7 +338,7 @@ def test_gguf_llama3_rope_freqs_become_the_config(tmp_path):
                "original_max_position_embeddings": 8192}
     config = presets.tiny(rope_theta=500000.0, rope_scaling=scaling, head_dim=64, num_attention_heads=2,
                     num_key_value_heads=1)
-    model = sources.random_llama(config, seed=5)
+    model = seeded_llama(config, seed=5)
     factors = (rope_inv_freq(presets.tiny(rope_theta=500000.0, head_dim=64, num_attention_heads=2,
                                       num_key_value_heads=1)) / rope_inv_freq(config)).numpy()
     assert factors.max() > 1
@@ -354,7 +355,7 @@ def test_gguf_llama3_rope_freqs_become_the_config(tmp_path):
 def test_gguf_weights_equal_transformers_gguf_loader(tmp_path):
     """An independent reader (transformers') gets the same weights from our test file."""
     transformers = pytest.importorskip("transformers")
-    model = sources.random_llama(presets.tiny(num_attention_heads=8, num_key_value_heads=4, head_dim=8), seed=6)
+    model = seeded_llama(presets.tiny(num_attention_heads=8, num_key_value_heads=4, head_dim=8), seed=6)
     path = write_gguf(tmp_path / "t.gguf", model)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                                dtype=torch.float32).state_dict()
@@ -363,7 +364,7 @@ def test_gguf_weights_equal_transformers_gguf_loader(tmp_path):
 
 
 def test_bad_gguf(tmp_path):
-    model = sources.random_llama(presets.tiny(), seed=1)
+    model = seeded_llama(presets.tiny(), seed=1)
     with pytest.raises(SourceError, match="GGUF architecture is 'gpt2'; edgellama loads the llama architecture"):
         sources.load_model(write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2"))
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 20)
@@ -377,7 +378,7 @@ def test_folder_written_by_transformers_save_pretrained(tmp_path):
     """What transformers itself writes (its config.json flavour, tied weights, its tokenizer files) loads."""
     transformers = pytest.importorskip("transformers")
     config = presets.tiny(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    ours = sources.random_llama(config, seed=9)
+    ours = seeded_llama(config, seed=9)
     from transformers.initialization import no_init_weights
 
     with no_init_weights():                      # overwritten below

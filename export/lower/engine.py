@@ -130,9 +130,15 @@ def rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
-def arity(node: ir.Node, inputs: tuple[str, ...], outputs: int) -> str | None:
+def inputs_refusal(node: ir.Node, inputs: tuple[str, ...]) -> str | None:
     if len(node.inputs) != len(inputs) or any(v is None for v in node.inputs):
         return f"expected inputs ({', '.join(inputs)}), got {len(node.inputs)}"
+    return None
+
+
+def arity(node: ir.Node, inputs: tuple[str, ...], outputs: int) -> str | None:
+    if (reason := inputs_refusal(node, inputs)) is not None:
+        return reason
     if len(node.outputs) != outputs:
         return f"expected {outputs} outputs, got {len(node.outputs)}"
     return None

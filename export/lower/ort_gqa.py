@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgellama.export.lower.attention_bias import attention_bias
-from edgellama.export.lower.engine import Context, Rule
+from edgellama.export.lower.engine import Context, Rule, inputs_refusal
 from edgellama.export.lower.ort_kernels import MS_DOMAIN, kernel_refusal
 
 
@@ -63,8 +63,9 @@ class MsGroupQueryAttention(Rule):
     op_type = "GroupQueryAttention"
 
     def check(self, node: ir.Node, ctx: Context) -> str | None:
-        if len(node.inputs) != 6 or any(v is None for v in node.inputs):
-            return f"expected inputs (query, key, value, past_key, past_value, attention_mask), got {len(node.inputs)}"
+        if (reason := inputs_refusal(node, ("query", "key", "value", "past_key", "past_value",
+                                            "attention_mask"))) is not None:
+            return reason
         q, k, v, past_k, past_v, mask = node.inputs
         if len(node.outputs) != 3:
             return f"expected outputs (output, present_key, present_value), got {len(node.outputs)}"

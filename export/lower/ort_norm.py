@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgellama.export.lower.engine import Context, Rule
+from edgellama.export.lower.engine import Context, Rule, inputs_refusal
 from edgellama.export.lower.ort_kernels import MS_DOMAIN, kernel_refusal
 
 
 def _norm_reason(node: ir.Node, op_type: str, ctx: Context) -> str | None:
-    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
-        return f"expected inputs (X, scale), got {len(node.inputs)}"
+    if (reason := inputs_refusal(node, ("X", "scale"))) is not None:
+        return reason
     x, scale = node.inputs
     if "epsilon" not in node.attributes:
         return "no epsilon attribute"

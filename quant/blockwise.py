@@ -53,21 +53,6 @@ class Packed:
             return self.zero_points.reshape(-1)
         return _pack4(self.zero_points).reshape(-1)
 
-    def unpacked(self) -> np.ndarray:
-        """The integer codes [N, n_blocks, block] (uint8, 0..2^bits-1)."""
-        if self.bits == 8:
-            return self.data
-        q = np.empty(self.data.shape[:-1] + (self.block_size,), np.uint8)
-        q[..., 0::2] = self.data & 0x0F
-        q[..., 1::2] = self.data >> 4
-        return q
-
-    def dequantize(self) -> np.ndarray:
-        """W [K, N] float32 as the kernel reconstructs it."""
-        zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, 1 << (self.bits - 1))
-        w = (self.unpacked().astype(np.float32) - zp[..., None].astype(np.float32)) * self.scales[..., None]
-        return np.ascontiguousarray(w.reshape(self.n, -1)[:, : self.k].T)
-
 
 def _pack4(q: np.ndarray) -> np.ndarray:
     if q.shape[-1] % 2:

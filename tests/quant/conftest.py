@@ -66,3 +66,41 @@ def weight_bytes(folder: Path) -> int:
 
 def ids(batch: int = 2, seq: int = 24, vocab: int = 512, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, (batch, seq)).astype(np.int64)
+
+
+# -- the MatMulNBits layout, read back (blockwise.Packed) --------------------------------------------
+def unpacked(packed) -> np.ndarray:
+    """The integer codes [N, n_blocks, block] (uint8, 0..2^bits-1)."""
+    if packed.bits == 8:
+        return packed.data
+    q = np.empty(packed.data.shape[:-1] + (packed.block_size,), np.uint8)
+    q[..., 0::2] = packed.data & 0x0F
+    q[..., 1::2] = packed.data >> 4
+    return q
+
+
+def dequantize(packed) -> np.ndarray:
+    """W [K, N] float32 as the kernel reconstructs it."""
+    zp = packed.zero_points if packed.zero_points is not None else np.full(packed.scales.shape, 1 << (packed.bits - 1))
+    w = (unpacked(packed).astype(np.float32) - zp[..., None].astype(np.float32)) * packed.scales[..., None]
+    return np.ascontiguousarray(w.reshape(packed.n, -1)[:, : packed.k].T)
+
+
+def kernel_matmul(packed, a: np.ndarray) -> np.ndarray:
+    """Run one MatMulNBits node on ORT CPU with `packed` as its weight."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(packed.data, "B"), numpy_helper.from_array(packed.scales.reshape(-1), "S")]
+    inputs = ["A", "B", "S"]
+    if packed.zero_points is not None:
+        inits.append(numpy_helper.from_array(packed.zero_points_packed(), "Z"))
+        inputs.append("Z")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=packed.k, N=packed.n,
+                            bits=packed.bits, block_size=packed.block_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, packed.k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"A": a})[0]

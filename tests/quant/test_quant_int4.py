@@ -10,8 +10,7 @@ from onnx import helper
 from edgellama import folder
 from edgellama.quant import blockwise
 from edgellama.quant.api import quantize_folder
-from tests.quant.conftest import TARGETS, ids, logits, mean_kl, shared_tiny, weight_bytes
-from tests.quant.test_quant_int8 import _kernel_matmul
+from tests.quant.conftest import TARGETS, dequantize, ids, kernel_matmul, logits, mean_kl, shared_tiny, weight_bytes
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -22,7 +21,7 @@ def test_layout_matches_kernel(k, block, symmetric):
     w = (rng.standard_normal((k, 12)) + 0.3).astype(np.float32)
     packed = blockwise.quantize(w, bits=4, block_size=block, symmetric=symmetric, search=True)
     a = rng.standard_normal((3, k)).astype(np.float32)
-    np.testing.assert_allclose(_kernel_matmul(packed, a), a @ packed.dequantize(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernel_matmul(packed, a), a @ dequantize(packed), rtol=1e-4, atol=1e-4)
 
 
 def test_search_and_zero_points_lower_error():
@@ -30,7 +29,7 @@ def test_search_and_zero_points_lower_error():
     w = np.random.default_rng(3).standard_t(3, (256, 64)).astype(np.float32)
 
     def err(**kw):
-        return float(np.square(blockwise.quantize(w, bits=4, block_size=32, **kw).dequantize() - w).mean())
+        return float(np.square(dequantize(blockwise.quantize(w, bits=4, block_size=32, **kw)) - w).mean())
 
     plain_sym, plain_asym = err(symmetric=True), err(symmetric=False)
     searched = err(symmetric=False, search=True)
@@ -45,7 +44,7 @@ def test_asymmetric_is_exact_on_a_4bit_grid():
     codes[0], codes[1], codes[32], codes[33] = 0, 15, 0, 15       # every block spans the full grid
     w = ((codes - 5) * 0.01).astype(np.float32)
     packed = blockwise.quantize(w, bits=4, block_size=32, symmetric=False, search=True)
-    np.testing.assert_allclose(packed.dequantize(), w, atol=1e-6)
+    np.testing.assert_allclose(dequantize(packed), w, atol=1e-6)
 
 
 @pytest.fixture(scope="module", params=TARGETS)

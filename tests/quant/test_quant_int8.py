@@ -5,31 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from edgellama import folder
 from edgellama.quant import blockwise
 from edgellama.quant.api import quantize_folder
-from tests.quant.conftest import TARGETS, ids, logits, mean_kl, shared_tiny, weight_bytes
-
-
-def _kernel_matmul(packed: blockwise.Packed, a: np.ndarray) -> np.ndarray:
-    """Run one MatMulNBits node on ORT CPU with `packed` as its weight."""
-    import onnxruntime as ort
-
-    inits = [numpy_helper.from_array(packed.data, "B"), numpy_helper.from_array(packed.scales.reshape(-1), "S")]
-    inputs = ["A", "B", "S"]
-    if packed.zero_points is not None:
-        inits.append(numpy_helper.from_array(packed.zero_points_packed(), "Z"))
-        inputs.append("Z")
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=packed.k, N=packed.n,
-                            bits=packed.bits, block_size=packed.block_size)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, packed.k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=10)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"A": a})[0]
+from tests.quant.conftest import (TARGETS, dequantize, ids, kernel_matmul, logits, mean_kl, shared_tiny,
+                                  unpacked, weight_bytes)
 
 
 @pytest.mark.parametrize("k,block", [(64, 32), (72, 32), (48, 16), (40, 64)])
@@ -39,15 +21,15 @@ def test_layout_matches_kernel(k, block):
     w = rng.standard_normal((k, 24)).astype(np.float32)
     packed = blockwise.quantize(w, bits=8, block_size=block, symmetric=True)
     a = rng.standard_normal((5, k)).astype(np.float32)
-    np.testing.assert_allclose(_kernel_matmul(packed, a), a @ packed.dequantize(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernel_matmul(packed, a), a @ dequantize(packed), rtol=1e-4, atol=1e-4)
 
 
 def test_symmetric_error_within_half_step():
     w = np.random.default_rng(1).standard_normal((128, 16)).astype(np.float32)
     packed = blockwise.quantize(w, bits=8, block_size=32, symmetric=True)
     step = np.repeat(packed.scales, 32, axis=1).T          # [K, N] step of each weight
-    assert np.all(np.abs(packed.dequantize() - w) <= step / 2 + 1e-7)
-    assert packed.zero_points is None and packed.unpacked().min() >= 1   # codes 1..255 around 128
+    assert np.all(np.abs(dequantize(packed) - w) <= step / 2 + 1e-7)
+    assert packed.zero_points is None and unpacked(packed).min() >= 1   # codes 1..255 around 128
 
 
 @pytest.fixture(scope="module", params=TARGETS)
@@ -104,13 +86,13 @@ def test_untied_embedding_gets_own_table(pair):
 def test_tied_embedding_shared(tmp_path):
     import torch
 
-    from edgellama.export import config as C
+    from edgellama.export import config
     from edgellama.export.model import Llama
     from edgellama.contract import describe_io
     from edgellama.export.onnx_export import export_onnx
 
     torch.manual_seed(0)
-    model = Llama(C.tiny(tie_word_embeddings=True))
+    model = Llama(config.tiny(tie_word_embeddings=True))
     ir_model = export_onnx(model)
     src = tmp_path / "fp32"
     with folder.staged_folder(src, force=False) as tmp:

@@ -1,9 +1,9 @@
 """Quantize a model: in memory (`quantize_model`, what `export --quant` runs) or folder to folder.
 
-`check_request` (registry.py) runs before anything is loaded; `quantize_model` applies the pass
-of `mode` to an onnx_ir Model in place; `quantize_folder` reads an fp32 edgellama export, runs
-`quantize_model` and writes OUT atomically like export does, with the manifest's `quantization`
-list recording the pass and its settings.
+`check_request` (registry.py) runs once, before anything is loaded; `quantize_model` (or
+`apply_request` for a request already checked) applies the pass to an onnx_ir Model in place;
+`quantize_folder` reads an fp32 edgellama export, applies the pass and writes OUT atomically like
+export does, with the manifest's `quantization` list recording the pass and its settings.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from edgellama import folder
 from edgellama.contract import describe_io
 from edgellama.errors import ModelFolderError, QuantError
 from edgellama.progress import SILENT, Progress
-from edgellama.quant.registry import ACCURACY_LEVELS, MODES, PASSES, check_request
+from edgellama.quant.registry import ACCURACY_LEVELS, MODES, PASSES, Request, check_request
 
-__all__ = ["ACCURACY_LEVELS", "MODES", "check_request", "quantize_model", "quantized_manifest", "quantize_folder"]
+__all__ = ["ACCURACY_LEVELS", "MODES", "apply_request", "check_request", "quantize_model", "quantized_manifest",
+           "quantize_folder"]
 
 
 def quantize_model(model: Any, *, mode: str, target: str, block_size: int | None = None,
@@ -26,15 +27,20 @@ def quantize_model(model: Any, *, mode: str, target: str, block_size: int | None
                    progress: Progress = SILENT) -> dict:
     """Apply the pass of `mode` to the fp32 onnx_ir Model `model` in place; returns the manifest's
     record of the pass (its settings and the op counts before and after)."""
+    request = check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude)
+    return apply_request(model, request, target=target, progress=progress)
+
+
+def apply_request(model: Any, request: Request, *, target: str, progress: Progress = SILENT) -> dict:
+    """`quantize_model` for a request already checked (`check_request`, run before any loading)."""
     from edgellama.quant.common import count_ops
 
-    p, settings = check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude)
     before = count_ops(model)
-    with progress.step(f"quantize ({mode})"):
-        entry = p.apply(model, target=target, settings=settings)
+    with progress.step(f"quantize ({request.quant_pass.name})"):
+        entry = request.quant_pass.apply(model, target=target, settings=request.settings)
     entry["ops_before"], entry["ops_after"] = before, count_ops(model)
-    if settings.exclude:
-        entry["exclude"] = list(settings.exclude)
+    if request.settings.exclude:
+        entry["exclude"] = list(request.settings.exclude)
     return entry
 
 
@@ -69,7 +75,7 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
     edgellama export, or one already quantized; nothing is written at `dst` then.
     `accuracy_level` (int8/int4) overrides the pass's MatMulNBits accuracy level.
     """
-    check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude)
+    request = check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude)
     src, dst = Path(src), Path(dst)
     if dst.absolute().resolve() == src.absolute().resolve():
         raise QuantError(f"output {dst} is the input folder; write the quantized model elsewhere")
@@ -78,8 +84,7 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
         manifest = _read_source(src)
     with progress.step("load model"):
         model = folder.load_model_ir(src)
-    entry = quantize_model(model, mode=mode, target=manifest.target, block_size=block_size,
-                           accuracy_level=accuracy_level, exclude=exclude, progress=progress)
+    entry = apply_request(model, request, target=manifest.target, progress=progress)
     model_rec = manifest.files.get(folder.MODEL)
     new = quantized_manifest(manifest, model, entry, quantized_from={
         "path": str(src.absolute()), "model_sha256": model_rec.sha256 if model_rec else None})

@@ -58,6 +58,13 @@ PASSES = {p.name: p for p in (
 MODES = tuple(PASSES)
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What `check_request` returns: the pass to run and its checked settings."""
+    quant_pass: Pass
+    settings: Settings
+
+
 def _taking(setting: str) -> str:
     return " and ".join(p.name for p in PASSES.values() if getattr(p, setting) not in (None, False))
 
@@ -72,7 +79,7 @@ def pattern_list(exclude: Iterable[str] | str | None) -> tuple[str, ...]:
 
 
 def check_request(mode: str, block_size: int | None = None, *, accuracy_level: int | None = None,
-                  exclude: Iterable[str] | str | None = ()) -> tuple[Pass, Settings]:
+                  exclude: Iterable[str] | str | None = ()) -> Request:
     """The pass of `mode` and its settings, or QuantError for an unknown mode, a block size the
     kernels do not support, or a setting the pass does not take. Runs before anything is loaded."""
     p = PASSES.get(mode)
@@ -93,6 +100,6 @@ def check_request(mode: str, block_size: int | None = None, *, accuracy_level: i
     if patterns and not p.exclude:
         # Mixed fp32/fp16 graphs need a Cast at every boundary; not worth it for one MatMul.
         raise QuantError(f"--exclude is not supported by {mode} (every tensor of the graph is converted)")
-    return p, Settings(block_size=p.block_size if block_size is None else block_size,
-                       accuracy_level=p.accuracy_level if accuracy_level is None else accuracy_level,
-                       exclude=patterns)
+    return Request(p, Settings(block_size=p.block_size if block_size is None else block_size,
+                               accuracy_level=p.accuracy_level if accuracy_level is None else accuracy_level,
+                               exclude=patterns))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgellama.cli.quantize import add_quant_arguments, check_quant_arguments
+from edgellama.cli.quantize import add_quant_arguments
 from edgellama.errors import EdgellamaError, QuantError
 from edgellama.folder import TARGETS
 
@@ -44,15 +44,16 @@ def run(args: argparse.Namespace) -> int:
     if args.quant is None and (args.block_size is not None or args.accuracy_level is not None or args.exclude):
         raise EdgellamaError("--block-size, --accuracy-level and --exclude need --quant")
     if args.quant is not None:
-        check_quant_arguments(args, args.quant)
+        from edgellama.quant.registry import check_request
+
+        request = check_request(args.quant, args.block_size, accuracy_level=args.accuracy_level, exclude=args.exclude)
         if args.dtype != "fp32":
             raise QuantError(f"--quant starts from an fp32 export, not --dtype {args.dtype}")
 
         def finish(model, manifest):
-            from edgellama.quant.api import quantize_model, quantized_manifest
+            from edgellama.quant.api import apply_request, quantized_manifest
 
-            entry = quantize_model(model, mode=args.quant, target=manifest.target, block_size=args.block_size,
-                                   accuracy_level=args.accuracy_level, exclude=args.exclude, progress=progress)
+            entry = apply_request(model, request, target=manifest.target, progress=progress)
             # No fp32 folder was written: nothing on disk to point at or hash.
             return quantized_manifest(manifest, model, entry, quantized_from={"path": None, "model_sha256": None})
 

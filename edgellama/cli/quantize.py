@@ -39,13 +39,6 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, flag: str, required: bool
     p.epilog = f"modes ({flag}):\n{modes}"
 
 
-def check_quant_arguments(args: argparse.Namespace, mode: str) -> None:
-    """Check the request before any work (QuantError naming the bad setting)."""
-    from edgellama.quant.registry import check_request
-
-    check_request(mode, args.block_size, accuracy_level=args.accuracy_level, exclude=args.exclude)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, metavar="IN", help="model folder written by `edgellama export`")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
@@ -58,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
     from edgellama.progress import Progress
     from edgellama.quant.api import quantize_folder
 
-    check_quant_arguments(args, args.mode)
     out = quantize_folder(args.input, args.output, mode=args.mode, block_size=args.block_size,
                           exclude=args.exclude, force=args.force, accuracy_level=args.accuracy_level,
                           progress=Progress(enabled=not args.quiet))

@@ -27,6 +27,14 @@ def shared_tiny(tmp_path_factory, target: str = "portable") -> Path:
     return _EXPORTS[target]
 
 
+def quantized_pair(tmp_path_factory, target: str, mode: str) -> tuple[Path, Path]:
+    """(the shared tiny fp32 export of `target`, its quantization by `mode`)."""
+    fp32 = shared_tiny(tmp_path_factory, target)
+    from edgellama.quant.api import quantize_folder
+
+    return fp32, quantize_folder(fp32, tmp_path_factory.mktemp(f"{mode}-{target}") / mode, mode=mode)
+
+
 def session(folder: Path):
     import onnxruntime as ort
 

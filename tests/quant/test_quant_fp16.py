@@ -11,14 +11,12 @@ from edgellama import folder
 from edgellama.quant import fp16
 from edgellama.quant.api import quantize_folder
 from edgellama.errors import QuantError
-from tests.quant.conftest import TARGETS, ids, logits, mean_kl, session, shared_tiny, weight_bytes
+from tests.quant.conftest import TARGETS, ids, logits, mean_kl, quantized_pair, session, shared_tiny, weight_bytes
 
 
 @pytest.fixture(scope="module", params=TARGETS)
 def pair(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"fp16-{request.param}")
-    fp32 = shared_tiny(tmp_path_factory, request.param)
-    return fp32, quantize_folder(fp32, root / "fp16", mode="fp16")
+    return quantized_pair(tmp_path_factory, request.param, "fp16")
 
 
 def test_io_and_manifest(pair):

@@ -9,8 +9,8 @@ from onnx import helper
 
 from edgellama import folder
 from edgellama.quant import blockwise
-from edgellama.quant.api import quantize_folder
-from tests.quant.conftest import TARGETS, dequantize, ids, kernel_matmul, logits, mean_kl, shared_tiny, weight_bytes
+from tests.quant.conftest import (TARGETS, dequantize, ids, kernel_matmul, logits, mean_kl, quantized_pair,
+                                  weight_bytes)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -49,9 +49,7 @@ def test_asymmetric_is_exact_on_a_4bit_grid():
 
 @pytest.fixture(scope="module", params=TARGETS)
 def pair(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"int4-{request.param}")
-    fp32 = shared_tiny(tmp_path_factory, request.param)
-    return fp32, quantize_folder(fp32, root / "int4", mode="int4")
+    return quantized_pair(tmp_path_factory, request.param, "int4")
 
 
 def test_op_counts_and_bits(pair):

@@ -10,8 +10,8 @@ from onnx import helper
 from edgellama import folder
 from edgellama.quant import blockwise
 from edgellama.quant.api import quantize_folder
-from tests.quant.conftest import (TARGETS, dequantize, ids, kernel_matmul, logits, mean_kl, shared_tiny,
-                                  unpacked, weight_bytes)
+from tests.quant.conftest import (TARGETS, dequantize, ids, kernel_matmul, logits, mean_kl, quantized_pair,
+                                  shared_tiny, unpacked, weight_bytes)
 
 
 @pytest.mark.parametrize("k,block", [(64, 32), (72, 32), (48, 16), (40, 64)])
@@ -34,9 +34,7 @@ def test_symmetric_error_within_half_step():
 
 @pytest.fixture(scope="module", params=TARGETS)
 def pair(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"int8-{request.param}")
-    fp32 = shared_tiny(tmp_path_factory, request.param)
-    return fp32, quantize_folder(fp32, root / "int8", mode="int8")
+    return quantized_pair(tmp_path_factory, request.param, "int8")
 
 
 def test_op_counts(pair):

@@ -8,14 +8,12 @@ import pytest
 
 from edgellama import folder
 from edgellama.quant.api import quantize_folder
-from tests.quant.conftest import TARGETS, ids, logits, mean_kl, shared_tiny, weight_bytes
+from tests.quant.conftest import TARGETS, ids, logits, mean_kl, quantized_pair, shared_tiny, weight_bytes
 
 
 @pytest.fixture(scope="module", params=TARGETS)
 def pair(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"dyn-{request.param}")
-    fp32 = shared_tiny(tmp_path_factory, request.param)
-    return fp32, quantize_folder(fp32, root / "dyn", mode="int8-dynamic")
+    return quantized_pair(tmp_path_factory, request.param, "int8-dynamic")
 
 
 def test_op_counts(pair):

@@ -9,11 +9,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
-from edgellama.errors import ConfigError
+from edgellama.errors import ConfigError, SourceError
 
 ROPE_TYPES = ("default", "linear", "llama3")
+# Upper bounds far above any released Llama: a config past them is damaged or hostile, and refusing
+# it here keeps a loader from looping over 10^12 layers or sizing a rope table of 10^12 rows.
+MAX_POSITIONS = 1 << 20
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
+               "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10,
+               "head_dim": 1 << 12, "max_position_embeddings": MAX_POSITIONS}
+
+
+def _check_size(name: str, value: Any, *, limit: int | None = None) -> None:
+    limit = SIZE_LIMITS[name] if limit is None else limit
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+        raise ConfigError(f"config: {name} must be a positive integer up to {limit}, got {_short(value)}")
+
+
+def _positive_real(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: hostile input can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclasses.dataclass
@@ -37,36 +61,66 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.head_dim is None and self.num_attention_heads:
+        # the sizes are checked before head_dim is derived from them (a string would raise TypeError)
+        for name in SIZE_LIMITS:
+            if name != "head_dim":
+                _check_size(name, getattr(self, name))
+        if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
     # -- invariants -------------------------------------------------------------------------
     def validate(self) -> None:
-        """Every invariant the blocks rely on, checked here once and nowhere else."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
+        """Every invariant the blocks rely on, checked here once and nowhere else: types, bounds
+        (so nothing absurd is allocated or looped over), and the rope parameters' arithmetic."""
+        for name in SIZE_LIMITS:
+            _check_size(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"config: num_key_value_heads ({self.num_key_value_heads}) does not divide "
                 f"num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
-            raise ConfigError(f"config: rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ConfigError(f"config: rope_theta must be positive, got {self.rope_theta!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not _positive_real(getattr(self, name)):
+                raise ConfigError(f"config: {name} must be a positive number, got {_short(getattr(self, name))}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"config: tie_word_embeddings must be true or false, got {_short(self.tie_word_embeddings)}")
+        for name in ("bos_token_id", "pad_token_id"):
+            self._check_token(name, getattr(self, name))
+        eos = self.eos_token_id
+        for token in (eos if isinstance(eos, (list, tuple)) else [eos]):
+            self._check_token("eos_token_id", token)
+        self._check_rope()
+
+    def _check_token(self, name: str, token: Any) -> None:
+        if token is None:
+            return
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.vocab_size:
+            raise ConfigError(f"config: {name} must be a token id in 0..{self.vocab_size - 1}, got {_short(token)}")
+
+    def _check_rope(self) -> None:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"config: rope_scaling must be an object, got {type(self.rope_scaling).__name__}")
         rope_type = self.rope_type
-        if rope_type not in ROPE_TYPES:
-            raise ConfigError(f"config: unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+            raise ConfigError(f"config: unsupported rope type {_short(rope_type)}; supported: {', '.join(ROPE_TYPES)}")
         needed = {"linear": ("factor",),
                   "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-        missing = [k for k in needed.get(rope_type, ()) if k not in (self.rope_scaling or {})]
+        scaling = self.rope_scaling or {}
+        missing = [k for k in needed.get(rope_type, ()) if k not in scaling]
         if missing:
             raise ConfigError(f"config: rope type {rope_type!r} needs {', '.join(missing)}")
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            if key in needed.get(rope_type, ()) and not _positive_real(scaling[key]):
+                raise ConfigError(f"config: rope {key} must be a positive number, got {_short(scaling[key])}")
+        if rope_type == "llama3":
+            # the smoothing between the two wavelength bounds divides by high - low
+            if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+                raise ConfigError(f"config: rope high_freq_factor ({_short(scaling['high_freq_factor'])}) must be greater "
+                                  f"than low_freq_factor ({_short(scaling['low_freq_factor'])})")
+            _check_size("original_max_position_embeddings", scaling["original_max_position_embeddings"],
+                        limit=MAX_POSITIONS)
 
     @property
     def rope_type(self) -> str:
@@ -94,18 +148,31 @@ class LlamaConfig:
     # -- transformers' config.json ------------------------------------------------------------
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "LlamaConfig":
-        """From a transformers config dict (4.x `rope_scaling` or 5.x `rope_parameters`)."""
+        """From a transformers config dict (4.x `rope_scaling` or 5.x `rope_parameters`): the one
+        boundary for config.json, every field type-checked here or in `validate`."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: not a JSON object ({type(d).__name__})")
         arch = d.get("model_type")
         archs = d.get("architectures") or []
+        if not isinstance(arch, (str, type(None))) or not isinstance(archs, list) \
+                or not all(isinstance(a, str) for a in archs):
+            raise ConfigError("config: model_type must be a string and architectures a list of strings")
         if arch not in (None, "llama") or (archs and not any(a.startswith("Llama") for a in archs)):
-            raise ConfigError(f"config: unsupported architecture {arch or archs!r}; edgellama exports Llama models")
+            raise ConfigError(f"config: unsupported architecture {_short(arch or archs)}; "
+                              "edgellama exports Llama models")
+        for key in ("attention_bias", "mlp_bias"):
+            if not isinstance(d.get(key, False), (bool, type(None))):
+                raise ConfigError(f"config: {key} must be true or false, got {_short(d[key])}")
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise ConfigError("config: attention_bias / mlp_bias are not supported (Llama has no biases)")
         if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"config: unsupported hidden_act {d.get('hidden_act')!r}; Llama uses silu")
+            raise ConfigError(f"config: unsupported hidden_act {_short(d.get('hidden_act'))}; Llama uses silu")
         rope_theta = d.get("rope_theta")
         rope_scaling = d.get("rope_scaling")
         params = d.get("rope_parameters")
+        for key, value in (("rope_scaling", rope_scaling), ("rope_parameters", params)):
+            if not isinstance(value, (dict, type(None))):
+                raise ConfigError(f"config: {key} must be an object, got {type(value).__name__}")
         if params:
             # transformers 5.x: theta and scaling live together; "default" means no scaling.
             params = dict(params)
@@ -169,8 +236,74 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        """From `to_dict`'s output (a manifest's config): unknown keys ignored, the rest validated."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: not an object ({type(d).__name__})")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+# -- the config against the weights a checkpoint holds -------------------------------------------
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight `Llama(config)` has, under transformers' names (lm_head only when untied)."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+    return shapes
+
+
+def check_shapes(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], *, where: str) -> list[str]:
+    """The names of the weights to load, after checking the checkpoint's tensor names and shapes (read
+    from its header: nothing is loaded yet) against the config; a tied checkpoint's redundant lm_head
+    is left out. SourceError names what is wrong.
+
+    The layer count and the embedding are compared first, against what the weights hold, so a config
+    that claims 10^12 layers is refused before the names it implies are listed."""
+    if config.tie_word_embeddings:
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    layers = {m.group(1) for m in map(_LAYER_NAME.match, shapes) if m}
+    if config.num_hidden_layers != len(layers):
+        raise SourceError(f"{where}: the config says {config.num_hidden_layers} layers; the weights hold {len(layers)}")
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed is not None and tuple(embed) != (config.vocab_size, config.hidden_size):
+        raise SourceError(f"{where}: the embedding is {_short(tuple(embed))}; the config says vocab_size "
+                          f"{config.vocab_size} x hidden_size {config.hidden_size}")
+    want = expected_shapes(config)
+    missing = [k for k in want if k not in shapes]
+    unexpected = [k for k in shapes if k not in want]
+    wrong = [f"{k} {_short(tuple(shapes[k]))} (config wants {want[k]})"
+             for k in want if k in shapes and tuple(shapes[k]) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_some(missing)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_some(wrong)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_some([_clip(k) for k in unexpected])}")
+    if problems:
+        raise SourceError(f"{where}: weights do not match the config; " + "; ".join(problems))
+    return list(want)
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _some(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 # -- presets ----------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgellama.errors import ConfigError, SourceError
-from edgellama.export.config import LlamaConfig
+from edgellama.errors import ConfigError, ModelFolderError, SourceError
+from edgellama.export.config import LlamaConfig, check_shapes
+from edgellama.folder import inside
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,11 +28,7 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files holding the weights: the index's shards, model.safetensors, or every *.safetensors."""
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SourceError(f"{index}: not a safetensors index ({e})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        files = [shard_path(folder, name) for name in sorted(read_index(index))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise SourceError(f"{folder}: shards named in {INDEX_FILE} are missing: {', '.join(missing[:5])}")
@@ -47,6 +44,39 @@ def weight_files(folder: Path) -> list[Path]:
     raise SourceError(f"{folder}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
 
 
+def read_index(index: Path) -> set[str]:
+    """The shard file names of a sharded checkpoint's index, type-checked."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise SourceError(f"{index}: not a safetensors index ({_first_line(e)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index}: not a safetensors index (no 'weight_map' object)")
+    if not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"{index}: not a safetensors index (a 'weight_map' entry is not a file name)")
+    return set(weight_map.values())
+
+
+def shard_path(folder: Path, name: str) -> Path:
+    """A shard the index names, resolved (symlinks included) and refused unless it stays inside the
+    folder: the index is untrusted, and nothing outside is opened or stat'ed.
+
+    One exception keeps Hugging Face's cache working: its snapshot folders hold symlinks into the
+    repository's blobs/ folder, so a snapshot's shard may resolve there (the name itself must still
+    be a plain path inside the snapshot)."""
+    try:
+        return inside(folder, name, what="shard")
+    except ModelFolderError as e:
+        refusal = str(e)
+    root, lexical = folder.resolve(), Path(name)
+    if root.parent.name == "snapshots" and ".." not in lexical.parts and not lexical.is_absolute():
+        target = (root / name).resolve()
+        if (root.parent.parent / "blobs").resolve() in target.parents:
+            return target
+    raise SourceError(refusal)
+
+
 def read_config(folder: Path) -> LlamaConfig:
     path = folder / "config.json"
     if not path.is_file():
@@ -54,33 +84,58 @@ def read_config(folder: Path) -> LlamaConfig:
                           "and safetensors weights")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise SourceError(f"{path}: not valid JSON ({_first_line(e)})") from None
     if not isinstance(raw, dict):
         raise SourceError(f"{path}: not a config object")
     try:
         return LlamaConfig.from_hf(raw)
     except ConfigError as e:
         raise SourceError(f"{path}: {e}") from None
-    except TypeError as e:  # a field of the wrong type (a list where an int belongs)
-        raise SourceError(f"{path}: malformed config ({e})") from None
 
 
-def read_weights(files: list[Path]) -> dict[str, Any]:
-    """Every tensor of the files as fp32 torch tensors, under its checkpoint name."""
-    import torch
+# Floating-point safetensors dtypes; an integer or bool tensor is no weight of a Llama.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def read_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """{name: (file, dtype, shape)} from the files' headers: no tensor data is read."""
     from safetensors import SafetensorError, safe_open
 
-    out: dict[str, Any] = {}
+    out: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     if name in out:
                         raise SourceError(f"{path}: tensor {name} appears in two shards")
+                    piece = f.get_slice(name)
+                    out[name] = (path, piece.get_dtype(), tuple(piece.get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise SourceError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    return out
+
+
+def read_weights(headers: dict[str, tuple[Path, str, tuple[int, ...]]], names: list[str]) -> dict[str, Any]:
+    """The named tensors as fp32 torch tensors (their dtypes checked first)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    odd = [n for n in names if headers[n][1] not in FLOAT_DTYPES]
+    if odd:
+        raise SourceError(f"{headers[odd[0]][0]}: weights must be floating point; "
+                          + ", ".join(f"{n} is {headers[n][1]}" for n in odd[:5]))
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(headers[name][0], []).append(name)
+    out: dict[str, Any] = {}
+    for path, wanted in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in wanted:
                     out[name] = f.get_tensor(name).to(torch.float32)
         except (SafetensorError, OSError) as e:
-            raise SourceError(f"{path}: not a readable safetensors file ({e})") from None
+            raise SourceError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     return out
 
 
@@ -94,10 +149,18 @@ def read_tokenizer(folder: Path) -> Any:
 
 
 def read_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, Any], Any, list[Path]]:
-    """(config, {name: fp32 tensor}, Tokenizer or None, the files the weights came from)."""
+    """(config, {name: fp32 tensor}, Tokenizer or None, the files the weights came from): the one
+    boundary for a checkpoint folder. The config, the index and the safetensors headers are checked
+    against each other before any tensor is read."""
     config = read_config(folder)
     files = weight_files(folder)
-    weights = read_weights(files)
+    headers = read_headers(files)
     # transformers < 4.31 saved the rotary table as a buffer; it is derived from the config again
-    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-    return config, weights, read_tokenizer(folder), files
+    headers = {k: v for k, v in headers.items() if not k.endswith("rotary_emb.inv_freq")}
+    names = check_shapes(config, {k: shape for k, (_, _, shape) in headers.items()}, where=str(folder))
+    return config, read_weights(headers, names), read_tokenizer(folder), files
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

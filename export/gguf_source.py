@@ -7,15 +7,17 @@ permutation undone, the tokenizer rebuilt from `tokenizer.ggml.*` metadata.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from edgellama.errors import ConfigError, SourceError
-from edgellama.export.config import LlamaConfig
+from edgellama.export.config import LlamaConfig, check_shapes
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _LAYER_NAMES = {
@@ -48,28 +50,49 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
     meta = {name: _value(field) for name, field in reader.fields.items()
             if not name.startswith("tokenizer.ggml.") or name.endswith("_id")
             or name in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token")}
+    kinds = {"tokenizer.chat_template": str, "tokenizer.ggml.add_bos_token": bool, "tokenizer.ggml.model": str,
+             "tokenizer.ggml.pre": str}
+    for key, kind in kinds.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise SourceError(f"{path}: malformed metadata: {key} is not a {kind.__name__}")
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise SourceError(f"{path}: GGUF architecture is {arch!r}; edgellama loads the llama architecture only")
+        raise SourceError(f"{path}: GGUF architecture is {str(arch)[:40]!r}; "
+                          "edgellama loads the llama architecture only")
     return reader, meta
 
 
 def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
-    """(config, {HF name: fp32 array}, Tokenizer or None) of a llama GGUF file."""
-    reader, meta = _open(path)
-    tensors = {t.name: t for t in reader.tensors}
-    try:
-        config = _config(meta, tensors, reader)
-    except ConfigError as e:
-        raise SourceError(f"{path}: {e}") from None
-    weights = _weights(tensors, config, path)
-    return config, weights, _tokenizer(reader, meta, path)
+    """(config, {HF name: fp32 array}, Tokenizer or None) of a llama GGUF file: the one boundary for
+    GGUF. Metadata is type-checked into the config and the tensor shapes checked against it before
+    any tensor is dequantized; whatever the gguf reader raises on a damaged file is one SourceError."""
+    with _damaged_file(path):
+        reader, meta = _open(path)
+        tensors = {t.name: t for t in reader.tensors}
+        try:
+            config = _config(meta, tensors, reader)
+        except ConfigError as e:
+            raise SourceError(f"{path}: {e}") from None
+        weights = _weights(tensors, config, path)
+        return config, weights, _tokenizer(reader, meta, path)
 
 
 def read_gguf_tokenizer(path: Path) -> Any:
     """Only the tokenizer of a llama GGUF file (None for a vocabulary other than byte-level BPE)."""
-    reader, meta = _open(path)
-    return _tokenizer(reader, meta, path)
+    with _damaged_file(path):
+        reader, meta = _open(path)
+        return _tokenizer(reader, meta, path)
+
+
+@contextlib.contextmanager
+def _damaged_file(path: Path) -> Iterator[None]:
+    """The gguf reader indexes the file's own offsets and counts: a damaged file surfaces as one of
+    these (never as our bug, which the type checks above keep out)."""
+    try:
+        yield
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
+        text = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{path}: not a readable GGUF file ({text})") from None
 
 
 # -- metadata -------------------------------------------------------------------------------------
@@ -85,49 +108,67 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> LlamaConfig:
-    """transformers' `GGUF_CONFIG_MAPPING["llama"]`, plus llama3 rope scaling recovered from rope_freqs."""
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}")
-        return default if value is None else value
+def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"metadata {key} must be an integer, got {type(value).__name__}")
+    return value
 
-    hidden, heads = get("embedding_length"), get("attention.head_count")
+
+def _float(meta: dict[str, Any], key: str, default: float | None = None) -> float | None:
+    value = meta.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"metadata {key} must be a positive number, got {str(value)[:40]}")
+    return _f32(value)
+
+
+def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> LlamaConfig:
+    """transformers' `GGUF_CONFIG_MAPPING["llama"]`, plus llama3 rope scaling recovered from rope_freqs;
+    every field type-checked here, its bounds in `LlamaConfig.validate`."""
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        if isinstance(meta.get(f"llama.{key}"), list):
+            raise ConfigError("per-layer head counts or feed-forward sizes are not a llama shape edgellama exports")
+    hidden, heads = _int(meta, "llama.embedding_length"), _int(meta, "llama.attention.head_count")
     if not hidden or not heads:
         raise ConfigError("metadata lacks llama.embedding_length / llama.attention.head_count")
-    if not all(isinstance(get(k, 0), int) for k in ("attention.head_count", "attention.head_count_kv",
-                                                    "feed_forward_length")):
-        raise ConfigError("per-layer head counts or feed-forward sizes are not a llama shape edgellama exports")
-    vocab = get("vocab_size")
+    vocab = _int(meta, "llama.vocab_size")
     if not vocab and "tokenizer.ggml.tokens" in reader.fields:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     if not vocab and "token_embd.weight" in tensors:
         vocab = int(tensors["token_embd.weight"].shape[-1])
-    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
-    theta = _f32(get("rope.freq_base", 10000.0))
+    head_dim = (_int(meta, "llama.attention.key_length") or _int(meta, "llama.rope.dimension_count")
+                or hidden // heads)
+    theta = _float(meta, "llama.rope.freq_base", 10000.0)
     scaling = None
-    kind = get("rope.scaling.type")
+    kind = meta.get("llama.rope.scaling.type")
     if kind == "linear":
-        if get("rope.scaling.factor") is None:
+        if meta.get("llama.rope.scaling.factor") is None:
             raise ConfigError("linear rope scaling without llama.rope.scaling.factor")
-        scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+        scaling = {"rope_type": "linear", "factor": _float(meta, "llama.rope.scaling.factor")}
     elif kind not in (None, "none"):
-        raise ConfigError(f"unsupported rope scaling {kind!r}; supported: linear, llama3")
+        raise ConfigError(f"unsupported rope scaling {str(kind)[:40]!r}; supported: linear, llama3")
     if "rope_freqs.weight" in tensors:
+        if not 0 < head_dim <= 1 << 12:
+            raise ConfigError(f"head dimension {head_dim} is not a llama shape")
         scaling = _llama3_scaling(_array(tensors["rope_freqs.weight"]), theta=theta, head_dim=head_dim)
     # llama.cpp stops on every end-of-generation token (eos, end-of-turn, end-of-message); transformers'
     # configs list them all as eos_token_id (Llama 3.1: 128001, 128008, 128009)
-    stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    stops = list(dict.fromkeys(i for i in stops if isinstance(i, int)))
+    stops = [_int(meta, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    stops = list(dict.fromkeys(i for i in stops if i is not None))
     eos = stops[0] if len(stops) == 1 else (stops or None)
     return LlamaConfig(
-        vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=int(get("feed_forward_length", 0)),
-        num_hidden_layers=int(get("block_count", 0)), num_attention_heads=int(heads),
-        num_key_value_heads=int(get("attention.head_count_kv") or heads), head_dim=int(head_dim),
-        max_position_embeddings=int(get("context_length", 2048)),
-        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=_int(meta, "llama.feed_forward_length", 0),
+        num_hidden_layers=_int(meta, "llama.block_count", 0), num_attention_heads=heads,
+        num_key_value_heads=_int(meta, "llama.attention.head_count_kv") or heads, head_dim=head_dim,
+        max_position_embeddings=_int(meta, "llama.context_length", 2048),
+        rms_norm_eps=_float(meta, "llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=theta,
         rope_scaling=scaling, tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+        bos_token_id=_int(meta, "tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+        pad_token_id=_int(meta, "tokenizer.ggml.padding_token_id"))
 
 
 def _llama3_scaling(factors: np.ndarray, *, theta: float, head_dim: int) -> dict[str, Any] | None:
@@ -182,27 +223,30 @@ def hf_weight_name(gguf_name: str) -> str | None:
 
 
 def _weights(tensors: dict[str, Any], config: LlamaConfig, path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
+    """The weights under transformers' names, their shapes (from the header: ggml lists dimensions
+    innermost first) checked against the config before anything is dequantized."""
+    names: dict[str, str] = {}
     unknown = []
-    for name, tensor in tensors.items():
+    for name in tensors:
         if _NOT_WEIGHTS.match(name):
             continue
-        m = _LAYER.match(name)
-        if m and m.group(2) in _LAYER_NAMES:
-            hf = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-        elif name in _TOP_NAMES:
-            hf = _TOP_NAMES[name]
-        else:
+        hf = hf_weight_name(name)
+        if hf is None:
             unknown.append(name)
-            continue
-        w = _array(tensor)
-        if m and m.group(2) == "attn_q":
+        else:
+            names[hf] = name
+    if unknown:
+        raise SourceError(f"{path}: tensors a llama model does not have: "
+                          f"{', '.join(n[:80] for n in sorted(unknown)[:5])}")
+    shapes = {hf: tuple(int(n) for n in reversed(tensors[name].shape)) for hf, name in names.items()}
+    out: dict[str, np.ndarray] = {}
+    for hf in check_shapes(config, shapes, where=str(path)):
+        w = _array(tensors[names[hf]]).reshape(shapes[hf])
+        if hf.endswith("q_proj.weight"):
             w = unpermute_rows(w, config.num_attention_heads)
-        elif m and m.group(2) == "attn_k":
+        elif hf.endswith("k_proj.weight"):
             w = unpermute_rows(w, config.num_key_value_heads)
         out[hf] = w
-    if unknown:
-        raise SourceError(f"{path}: tensors a llama model does not have: {', '.join(sorted(unknown)[:5])}")
     return out
 
 
@@ -231,10 +275,9 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
-    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
-    types = (list(reader.fields["tokenizer.ggml.token_type"].contents())
-             if "tokenizer.ggml.token_type" in reader.fields else [])
+    tokens = _list(reader, "tokens", str, path=path)
+    merges = [tuple(m.split(" ", 1)) for m in _list(reader, "merges", str, path=path)]
+    types = _list(reader, "token_type", int, path=path)
     chars = byte_chars()
     alphabet = set(chars.values())
 
@@ -259,6 +302,16 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     return _wrap_backend(backend, meta, tokens, types, control=control, add_bos=False)
 
 
+def _list(reader: Any, key: str, kind: type | tuple[type, ...], *, path: Path) -> list[Any]:
+    """A tokenizer.ggml.* array, its element type checked ([] when absent)."""
+    field = reader.fields.get(f"tokenizer.ggml.{key}")
+    values = field.contents() if field is not None else []
+    if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+        raise SourceError(f"{path}: malformed tokenizer metadata: tokenizer.ggml.{key} is not an array of "
+                          f"{getattr(kind, '__name__', 'numbers')}s")
+    return values
+
+
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """BPE merges a sentencepiece vocabulary implies: every split of a piece into two pieces, best
     piece score first (transformers' `generate_merges` order: score, then left and right lengths)."""
@@ -280,11 +333,11 @@ def _sentencepiece_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> A
     from tokenizers import Tokenizer as Backend
 
     fields = reader.fields
-    tokens = list(fields["tokenizer.ggml.tokens"].contents())
-    scores = list(fields["tokenizer.ggml.scores"].contents()) if "tokenizer.ggml.scores" in fields else None
-    types = list(fields["tokenizer.ggml.token_type"].contents()) if "tokenizer.ggml.token_type" in fields else []
+    tokens = _list(reader, "tokens", str, path=path)
+    scores = _list(reader, "scores", (int, float), path=path) if "tokenizer.ggml.scores" in fields else None
+    types = _list(reader, "token_type", int, path=path)
     if "tokenizer.ggml.merges" in fields:
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+        merges = [tuple(m.split(" ", 1)) for m in _list(reader, "merges", str, path=path)]
     elif scores is not None:
         merges = _merges_from_scores(tokens, scores)
     else:

@@ -318,8 +318,8 @@ def run_parity(model: Path | str, *, reference: str = "torch", providers: list[s
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     model = Path(model)
-    if decode_steps < 0:
-        raise EdgellamaError(f"--decode-steps must be >= 0, got {decode_steps}")
+    if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 0:
+        raise EdgellamaError(f"--decode-steps must be an integer >= 0, got {decode_steps!r}")
     providers = list(providers) or ["cpu"]
     for p in providers + [reference_provider]:
         if p not in ("cpu", "cuda"):
@@ -347,7 +347,14 @@ def run_parity(model: Path | str, *, reference: str = "torch", providers: list[s
     tol = resolve(precision, tolerances)
     prompt_list = list(prompts) if prompts else list(DEFAULT_PROMPTS)
     token_ids = encode_prompts(prompt_list, folder=model, config=config)
+    longest = max(len(row) for row in token_ids)
+    if longest + decode_steps > config.max_position_embeddings:
+        raise EdgellamaError(f"the longest prompt ({longest} tokens) plus --decode-steps {decode_steps} runs past "
+                             f"the model's context ({config.max_position_embeddings} tokens)")
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
+    if not isinstance(pad, int) or not 0 <= pad < config.vocab_size:
+        raise ModelFolderError(f"{model}: the padding token id {pad!r} is outside the vocabulary "
+                               f"(0..{config.vocab_size - 1})")
     batches = make_batches(token_ids, pad_id=pad)
     comparisons = []
     for provider in providers:

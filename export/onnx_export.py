@@ -267,10 +267,12 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     out = Path(out)
-    model_folder.check_output(out, force=force)
     from edgellama.export.sources import check_source, load_model
 
-    check_source(source)
+    # A source path is an input OUT must not overlap: --force would delete the user's checkpoint.
+    src_path = check_source(source)
+    inputs = (src_path,) if src_path is not None else ()
+    model_folder.check_output(out, force=force, inputs=inputs)
 
     with progress.step("load source"):
         model, tokenizer, info = load_model(source)
@@ -284,7 +286,7 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
         opset=opset, io=describe_io(ir_model), packages=model_folder.package_versions())
     if finish is not None:
         manifest = finish(ir_model, manifest)
-    with model_folder.staged_folder(out, force=force) as tmp, progress.step("write model folder"):
+    with model_folder.staged_folder(out, force=force, inputs=inputs) as tmp, progress.step("write model folder"):
         model_folder.save_model(ir_model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)

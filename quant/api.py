@@ -79,7 +79,7 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
     src, dst = Path(src), Path(dst)
     if dst.absolute().resolve() == src.absolute().resolve():
         raise QuantError(f"output {dst} is the input folder; write the quantized model elsewhere")
-    folder.check_output(dst, force=force)
+    folder.check_output(dst, force=force, inputs=(src,))
     with progress.step(f"verify {src}"):
         manifest = _read_source(src)
     with progress.step("load model"):
@@ -88,7 +88,7 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
     model_rec = manifest.files.get(folder.MODEL)
     new = quantized_manifest(manifest, model, entry, quantized_from={
         "path": str(src.absolute()), "model_sha256": model_rec.sha256 if model_rec else None})
-    with folder.staged_folder(dst, force=force) as tmp, progress.step("write model folder"):
+    with folder.staged_folder(dst, force=force, inputs=(src,)) as tmp, progress.step("write model folder"):
         folder.save_model(model, tmp)
         folder.copy_side_files(src, tmp, manifest)
         folder.write_manifest(tmp, new)

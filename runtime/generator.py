@@ -95,6 +95,7 @@ class Generator:
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt; with `chat`, through the folder's chat template (a generation prompt added)."""
+        _check_text(prompt)
         tok = self.tokenizer
         if chat or not isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -159,6 +160,24 @@ class Generator:
             result.extend(run.results())
 
 
+def _check_text(prompt: Any) -> None:
+    """A prompt is text: a str (or chat messages of str contents) that is valid Unicode. An argument
+    or stdin read with surrogateescape carries its undecodable bytes as lone surrogates."""
+    texts = [prompt] if isinstance(prompt, str) else None
+    if texts is None:
+        try:
+            texts = [m["content"] for m in prompt]
+        except (TypeError, KeyError, IndexError):
+            raise RuntimeInputError("a prompt is text or a list of {'role', 'content'} messages") from None
+    for text in texts:
+        if not isinstance(text, str):
+            raise RuntimeInputError(f"a prompt is text, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RuntimeInputError("the prompt is not valid UTF-8 text") from None
+
+
 def _as_rows(prompt_ids: Any) -> list[list[int]]:
     if isinstance(prompt_ids, np.ndarray):
         prompt_ids = prompt_ids.tolist()
@@ -180,6 +199,10 @@ class _Call:
     def __init__(self, gen: Generator, rows: list[list[int]], *, params: SamplingParams, max_new_tokens: int,
                  seed: int | None, stop: bool):
         model = gen.model
+        if not rows or not all(rows):
+            raise RuntimeInputError("empty prompt: give at least one token")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+            raise RuntimeInputError(f"seed must be a non-negative integer, got {seed!r}")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise RuntimeInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         longest = max(len(r) for r in rows)
@@ -208,7 +231,8 @@ class _Call:
         pos = contract.positions_from_mask(mask)
         loop = kv_loop.make_loop(model, b, mode=gen.loop_mode)
         start = time.perf_counter()
-        tokens = next_tokens(loop.step(ids, mask, pos), self.params, self.rng)
+        with model.run_errors():
+            tokens = next_tokens(loop.step(ids, mask, pos), self.params, self.rng)
         self.prefill_s = time.perf_counter() - start
         last_pos = pos[:, -1:]
         decode_start = None
@@ -226,7 +250,8 @@ class _Call:
             feed = np.where(self.done, gen.pad_id, tokens).astype(np.int64)[:, None]
             mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
             last_pos = last_pos + 1
-            tokens = next_tokens(loop.step(feed, mask, last_pos), self.params, self.rng)
+            with model.run_errors():
+                tokens = next_tokens(loop.step(feed, mask, last_pos), self.params, self.rng)
             self.decode_s = time.perf_counter() - decode_start
 
     def results(self) -> list[GenerationResult]:

@@ -13,12 +13,13 @@ instead of running slowly. `auto` takes CUDA when it can start here, else the CP
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -128,9 +129,10 @@ class OrtModel:
         # model.onnx is untrusted input: its external data must stay inside the folder, whichever
         # graph runs.
         if proto is None:
-            model_folder.load_model_proto(self.folder, with_weights=False)
+            graph = model_folder.load_model_proto(self.folder, with_weights=False)
         else:
             model_folder.check_external_data(proto, self.folder)
+            graph = proto
         self.provider = resolve_provider(provider)
         self.strict = (self.provider == "cuda") if strict is None else bool(strict)
         self.threads = threads
@@ -156,6 +158,7 @@ class OrtModel:
         if self.provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ProviderError("CUDA is not available: the session fell back to the CPU")
         self._check_io()
+        self._check_vocab(graph)
 
     # -- graph contract ---------------------------------------------------------------------------
     def _check_io(self) -> None:
@@ -178,6 +181,36 @@ class OrtModel:
         if dtype is None:
             raise ModelFolderError(f"{self.folder}: unsupported KV cache type {kv_type}")
         self.kv_dtype = np.dtype(dtype)
+
+    def _check_vocab(self, graph: Any) -> None:
+        """The manifest's vocab_size is what every id is checked against: it must be the embedding
+        table's rows and the logits' width, or an id past the table would reach ONNX Runtime."""
+        init = {t.name: list(t.dims) for t in graph.graph.initializer}
+        sizes = {}
+        for node in graph.graph.node:
+            if node.op_type in ("Gather", "GatherBlockQuantized") and contract.INPUT_IDS in node.input[1:2]:
+                dims = init.get(node.input[0])
+                if dims:
+                    sizes["the embedding table"] = dims[0]
+        logits = next(o for o in self.session.get_outputs() if o.name == contract.LOGITS)
+        if logits.shape and isinstance(logits.shape[-1], int):
+            sizes["the logits"] = logits.shape[-1]
+        for what, n in sizes.items():
+            if n != self.config.vocab_size:
+                raise ModelFolderError(f"{self.folder}: the manifest's vocab_size ({self.config.vocab_size}) "
+                                       f"disagrees with the model ({what} has {n} entries)")
+
+    @contextlib.contextmanager
+    def run_errors(self) -> Iterator[None]:
+        """ONNX Runtime's own error types (Fail, InvalidArgument, ...) raised by a run, as one
+        RuntimeInputError line: the API raises only edgellama's typed errors."""
+        try:
+            yield
+        except Exception as e:
+            if type(e).__module__.split(".")[0] != "onnxruntime":
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeInputError(f"{self.folder}: ONNX Runtime failed to run the model: {first}") from None
 
     @property
     def num_layers(self) -> int:
@@ -235,7 +268,8 @@ class OrtModel:
         if mask.shape[1] != flat[0].shape[2] + ids.shape[1]:
             raise RuntimeInputError(f"attention_mask covers {mask.shape[1]} positions; past ({flat[0].shape[2]}) "
                                     f"+ input ({ids.shape[1]}) is {flat[0].shape[2] + ids.shape[1]}")
-        out = self.session.run(self.output_names, feeds)
+        with self.run_errors():
+            out = self.session.run(self.output_names, feeds)
         n = 1 + len(self.present_names)
         return out[0], list(out[1:n]), dict(zip(self.output_names[n:], out[n:]))
 

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from edgellama.errors import RuntimeInputError
 from edgellama.runtime.session import PROVIDERS
 
 
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgellama.runtime.generator import Generator
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _stdin_text() if args.prompt == "-" else args.prompt
     gen = Generator(args.model, provider=args.provider, threads=args.threads)
     kwargs = dict(chat=args.chat, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -46,3 +47,14 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _stdin_text() -> str:
+    # Bytes, decoded here: the text layer's errors= depends on the locale (surrogateescape under C).
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RuntimeInputError(f"the prompt on stdin is not valid UTF-8 (byte {e.start})") from None

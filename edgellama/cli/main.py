@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import traceback
 
 import edgellama
@@ -43,29 +46,80 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Exit status of an interrupted run: 128 + the signal, as a shell reports a process the signal
+# ended (Ctrl-C 130, a CI runner's SIGTERM 143), so a caller can tell a cancel from a failure.
+_INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM recorded, then raised as KeyboardInterrupt in the main thread.
+
+    Libraries on the way up may turn the KeyboardInterrupt into another exception (torch's export
+    tracing re-raises what it caught, an import cut short is an ImportError): once a signal is
+    recorded, whatever reaches `main` is reported as the interrupt it is. SIGTERM's default would
+    end the process with no cleanup (a staged folder left behind); raised, it unwinds like Ctrl-C.
+    """
+
+    def __init__(self):
+        self.received: list[int] = []
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self   # signal handlers can only be set from the main thread: leave Python's defaults
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in _INTERRUPT_EXIT}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def exit_status(self) -> int:
+        print("edgellama: interrupted", file=sys.stderr, flush=True)
+        return _INTERRUPT_EXIT.get(self.received[0], 130) if self.received else 130
+
+
+def _run(argv: list[str]) -> int:
+    # Build only the parser of the named subcommand: its imports stay off other commands' paths.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=first if first in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2 if argv and not set(argv) <= {"--debug"} else 0
+    return int(args._run(args) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    interrupts = _Interrupts()
     try:
-        # Build only the parser of the named subcommand: its imports stay off other commands' paths.
-        first = next((a for a in argv if not a.startswith("-")), None)
-        parser = build_parser(only=first if first in SUBCOMMANDS else None)
-        args = parser.parse_args(argv)
-        if not getattr(args, "_run", None):
-            parser.print_help()
-            return 2 if argv and not set(argv) <= {"--debug"} else 0
-        return int(args._run(args) or 0)
-    except EdgellamaError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"edgellama: error: {e}", file=sys.stderr)
-        return 2
-    except CheckFailed as e:
-        print(f"edgellama: check failed: {e}", file=sys.stderr)
-        return 1
+        with interrupts.installed():
+            status = _run(argv)
     except KeyboardInterrupt:
-        print("edgellama: interrupted", file=sys.stderr)
-        return 130
+        return interrupts.exit_status()
+    except SystemExit:
+        raise   # --help and --version
+    except BaseException as e:
+        if interrupts.received:   # the interrupt, renamed on its way up
+            return interrupts.exit_status()
+        if isinstance(e, EdgellamaError):
+            if debug:
+                traceback.print_exc()
+            print(f"edgellama: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, CheckFailed):
+            print(f"edgellama: check failed: {e}", file=sys.stderr)
+            return 1
+        raise
+    # A library that swallowed the KeyboardInterrupt let the command finish: still a cancelled run.
+    return interrupts.exit_status() if interrupts.received else status
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ a pickled checkpoint (`.bin`, `.pt`, ...) can run code when loaded, so it is ref
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,8 @@ def read_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer, or None when it has no tokenizer.json (token ids still work)."""
     from edgellama.tokenizer import Tokenizer
 
-    if not (folder / "tokenizer.json").is_file():
+    # lexists: a tokenizer.json symlinked outside must reach the tokenizer's refusal, not be stat'ed
+    if not os.path.lexists(folder / "tokenizer.json"):
         return None
     return Tokenizer.from_folder(folder)
 

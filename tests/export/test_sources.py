@@ -247,8 +247,27 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges=("Ġ t",), eot=None):
-    """A GGUF file as llama.cpp's converter writes one, from our model (byte-level tokenizer from tiny's)."""
+def gguf_value_type(value):
+    """The GGUF type GGUFWriter.add_key_value needs for a Python value (a list: its first element's type)."""
+    import gguf
+
+    kinds = gguf.GGUFValueType
+
+    def scalar(v):
+        if isinstance(v, bool):
+            return kinds.BOOL
+        if isinstance(v, int):
+            return kinds.INT64 if v < 0 else kinds.UINT64
+        return kinds.FLOAT32 if isinstance(v, float) else kinds.STRING
+
+    if isinstance(value, list):
+        return kinds.ARRAY, (scalar(value[0]) if value else kinds.INT32)
+    return scalar(value), None
+
+
+def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges=("Ġ t",), eot=None, meta=None):
+    """A GGUF file as llama.cpp's converter writes one, from our model (byte-level tokenizer from tiny's);
+    `meta` replaces metadata values ({key: value}, None drops the key)."""
     import gguf
 
     c = model.config
@@ -277,6 +296,10 @@ def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges
     if eot is not None:
         w.add_eot_token_id(eot)
     w.add_chat_template(tok.chat_template)
+    for key, value in (meta or {}).items():
+        w.kv_data[0].pop(key, None)
+        if value is not None:
+            w.add_key_value(key, value, *gguf_value_type(value))
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     if c.tie_word_embeddings:
         sd.pop("lm_head.weight")
@@ -391,3 +414,161 @@ def test_folder_written_by_transformers_save_pretrained(tmp_path):
     assert loaded.config.rope_scaling == config.rope_scaling and loaded.config.tie_word_embeddings
     assert_same_weights(ours, loaded)
     assert tok.chat_ids("hi") == sources.byte_tokenizer(config).chat_ids("hi")
+
+
+# -- untrusted files: issue 10's examples ------------------------------------------------------------
+def one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text and isinstance(err.value, SourceError)
+    return text
+
+
+def shard_folder(hf_tiny, tmp_path, weight_map):
+    """A sharded checkpoint whose index maps every tensor of tiny to `weight_map`'s shard names."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text((hf_tiny / "config.json").read_text())
+    names = sorted(load_file(str(hf_tiny / "model.safetensors")))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map(names) if callable(weight_map) else weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/x.safetensors", "{outside}/elsewhere/x.safetensors",
+                                   "link.safetensors"])
+def test_shard_index_naming_a_file_outside_is_refused_unread(hf_tiny, tmp_path, monkeypatch, where):
+    """Issue 10: a weight_map naming `../../elsewhere/x.safetensors` was read, the foreign tensor named."""
+    from safetensors.torch import save_file
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file({"FOREIGN_SECRET": torch.zeros(2)}, str(elsewhere / "x.safetensors"))
+    name = where.format(outside=tmp_path)
+    folder = shard_folder(hf_tiny, tmp_path, lambda names: {n: name for n in names})
+    (folder / "link.safetensors").symlink_to(elsewhere / "x.safetensors")
+    import safetensors
+
+    opened = []
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    with pytest.raises(SourceError, match="(points outside|is not a path inside) the folder") as err:
+        sources.load_model(folder)
+    assert "FOREIGN_SECRET" not in one_line(err) and opened == []
+
+
+def test_shard_index_of_the_wrong_shape_is_one_line(hf_tiny, tmp_path):
+    for weight_map in ([], {"a": 1}, {}, "model.safetensors"):
+        folder = shard_folder(hf_tiny, tmp_path, weight_map)
+        with pytest.raises(SourceError, match="not a safetensors index") as err:
+            sources.load_model(folder)
+        one_line(err)
+        import shutil
+
+        shutil.rmtree(folder)
+
+
+def test_hugging_face_cache_snapshot_may_link_into_its_blobs(hf_tiny, tmp_path):
+    """The exception to containment: a hub cache snapshot's shards are symlinks into the repo's blobs/."""
+    repo = tmp_path / "models--x--y"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_bytes((hf_tiny / "model.safetensors").read_bytes())
+    snap = repo / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((hf_tiny / "config.json").read_text())
+    (snap / "model-00001-of-00001.safetensors").symlink_to("../../blobs/abc")
+    from safetensors.torch import load_file
+
+    names = load_file(str(hf_tiny / "model.safetensors"))
+    (snap / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    assert sources.load_model(snap)[0].config == presets.tiny()
+
+
+def edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2.0"}}, "rope factor must be a positive number"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64}}, "rope low_freq_factor must be a positive number"),
+    ({"num_hidden_layers": 10 ** 12}, "num_hidden_layers must be a positive integer up to"),
+    ({"max_position_embeddings": 10 ** 12}, "max_position_embeddings must be a positive integer up to"),
+    ({"num_hidden_layers": 3}, "the config says 3 layers; the weights hold 2"),
+    ({"vocab_size": 600}, r"the embedding is \(512, 64\); the config says vocab_size 600"),
+    ({"hidden_size": 128, "head_dim": 16}, r"the embedding is \(512, 64\)"),
+    ({"num_attention_heads": 8, "head_dim": 16}, "shape mismatch: model.layers.0.self_attn.q_proj.weight"),
+])
+def test_untyped_or_absurd_config_json_is_one_line_before_anything_is_allocated(hf_tiny, monkeypatch, changes,
+                                                                               words):
+    """Issue 10: string booleans, string rope factors, a zero llama3 low_freq_factor, 10^12 layers or
+    positions, and sizes the weights do not hold were tracebacks, hangs, huge allocations or silent."""
+    import time
+
+    from edgellama.export import model as model_module
+
+    monkeypatch.setattr(model_module, "Llama", lambda *a: pytest.fail("a model was built"))
+    edit_config(hf_tiny, **changes)
+    start = time.monotonic()
+    with pytest.raises(SourceError, match=words) as err:
+        sources.load_model(hf_tiny)
+    one_line(err)
+    assert time.monotonic() - start < 5
+
+
+def test_deeply_nested_config_json_is_one_line(hf_tiny):
+    """Issue 10: RecursionError on deeply nested JSON."""
+    (hf_tiny / "config.json").write_text('{"rope_scaling": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(SourceError, match="config.json: not valid JSON") as err:
+        sources.load_model(hf_tiny)
+    one_line(err)
+
+
+def test_a_weight_of_an_integer_dtype_and_a_truncated_header_are_one_line(hf_tiny):
+    from safetensors.torch import load_file, save_file
+
+    good = load_file(str(hf_tiny / "model.safetensors"))
+    save_file({**good, "model.norm.weight": torch.ones(64, dtype=torch.int32)}, str(hf_tiny / "model.safetensors"))
+    with pytest.raises(SourceError, match="weights must be floating point; model.norm.weight is I32") as err:
+        sources.load_model(hf_tiny)
+    one_line(err)
+    save_file(good, str(hf_tiny / "model.safetensors"))
+    data = (hf_tiny / "model.safetensors").read_bytes()
+    for cut in (4, 12, len(data) // 2):
+        (hf_tiny / "model.safetensors").write_bytes(data[:cut])
+        with pytest.raises(SourceError, match="not a readable safetensors file") as err:
+            sources.load_model(hf_tiny)
+        one_line(err)
+
+
+@pytest.mark.parametrize("meta, words", [
+    ({"llama.block_count": 10 ** 12}, "num_hidden_layers must be a positive integer up to"),
+    ({"llama.context_length": 10 ** 12}, "max_position_embeddings must be a positive integer up to"),
+    ({"llama.block_count": 3}, "the config says 3 layers; the weights hold 2"),
+    ({"llama.embedding_length": "64"}, "llama.embedding_length must be an integer"),
+    ({"llama.rope.freq_base": "1e4"}, "llama.rope.freq_base must be a positive number"),
+    ({"llama.attention.head_count": [4, 4]}, "per-layer head counts"),
+    ({"tokenizer.ggml.bos_token_id": 100000}, "bos_token_id must be a token id"),
+    ({"tokenizer.chat_template": 3}, "tokenizer.chat_template is not a str"),
+    ({"tokenizer.ggml.tokens": [1, 2, 3]}, "tokenizer.ggml.tokens is not an array of strs"),
+])
+def test_untyped_or_absurd_gguf_metadata_is_one_line(tmp_path, meta, words):
+    model = seeded_llama(presets.tiny(), seed=1)
+    with pytest.raises(SourceError, match=words) as err:
+        sources.load_model(write_gguf(tmp_path / "m.gguf", model, meta=meta))
+    one_line(err)
+
+
+def test_truncated_gguf_is_one_line(tmp_path):
+    model = seeded_llama(presets.tiny(), seed=1)
+    data = write_gguf(tmp_path / "m.gguf", model).read_bytes()
+    for cut in (3, 8, 24, 200, 5000, len(data) // 2, len(data) - 1):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(SourceError, match="not a readable GGUF file") as err:
+            sources.load_model(tmp_path / "cut.gguf")
+        one_line(err)

@@ -57,6 +57,9 @@ class Manifest:
     io: dict[str, Any] = dataclasses.field(default_factory=dict)
     packages: dict[str, str] = dataclasses.field(default_factory=dict)
     quantized_from: dict[str, Any] | None = None
+    # The graph contract of the KV cache: "dynamic" (past in, present = past ++ new out; folders
+    # written before this field) or "static" (one buffer per layer bound as past and present).
+    kv_cache: str = "dynamic"
     files: dict[str, FileRecord] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -135,7 +138,7 @@ class Manifest:
             raise ModelFolderError(f"{where} has an unknown format (format_version {data.get('format_version')!r})")
         kinds = {"config": dict, "target": str, "dtype": str, "provider": str, "opset": int, "source": dict,
                  "quantization": list, "io": dict, "packages": dict, "quantized_from": (dict, type(None)),
-                 "files": dict}
+                 "kv_cache": str, "files": dict}
         for key, kind in kinds.items():
             if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
                 raise ModelFolderError(f"{where} is corrupted: '{key}' has the wrong type "
@@ -309,8 +312,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def genai_config(config: Any, *, inputs: list[str], provider: str = "cpu") -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json for this decoder (past and present kept separate)."""
+def genai_config(config: Any, *, inputs: list[str], provider: str = "cpu", share_buffer: bool = False) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for this decoder: past and present separate, or (static
+    KV cache, `share_buffer`) one buffer bound as both, and no position_ids when the graph has none."""
     eos = config.eos_token_ids
     options = [] if provider == "cpu" else [{provider: {}}]
     return {
@@ -346,14 +350,15 @@ def genai_config(config: Any, *, inputs: list[str], provider: str = "cpu") -> di
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": config.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0,
-            "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+            "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
 
 
-def write_genai_config(folder: Path, config: Any, *, inputs: list[str]) -> None:
-    (Path(folder) / GENAI_CONFIG).write_text(json.dumps(genai_config(config, inputs=inputs), indent=2) + "\n")
+def write_genai_config(folder: Path, config: Any, *, inputs: list[str], share_buffer: bool = False) -> None:
+    text = json.dumps(genai_config(config, inputs=inputs, share_buffer=share_buffer), indent=2)
+    (Path(folder) / GENAI_CONFIG).write_text(text + "\n")
 
 
 # -- reading ------------------------------------------------------------------------------------

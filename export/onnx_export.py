@@ -232,11 +232,11 @@ def check_dynamic(ir_model: Any) -> None:
                 raise ExportError(f"export specialized dim {axis} of {v.name} to {dim!r}; it must stay dynamic")
 
 
-def lower(ir_model: Any, *, target: str, provider: str = "cpu") -> Any:
+def lower(ir_model: Any, *, target: str, provider: str = "cpu", kv_cache: str = "dynamic") -> Any:
     """Apply the lowering pass of `target` to a portable model (onnx_ir in, onnx_ir out)."""
     from edgellama.export.lower import lower as lower_to
 
-    return lower_to(ir_model, target=target, provider=provider)
+    return lower_to(ir_model, target=target, provider=provider, kv_cache=kv_cache)
 
 
 def _version() -> str:
@@ -247,14 +247,16 @@ def _version() -> str:
 
 def export_model(source: str, out: Path | str, *, target: str = "portable", dtype: str = "fp32",
                  opset: int = 23, provider: str = "cpu", force: bool = False,
-                 progress: Progress = SILENT,
+                 progress: Progress = SILENT, kv_cache: str | None = None,
                  finish: Callable[[Any, model_folder.Manifest], model_folder.Manifest] | None = None) -> Path:
     """Export `source` (HF folder, .gguf, `smollm2`, `tiny`) to a complete model folder at `out`.
 
     Checks every argument before loading anything; writes atomically (see folder.py). `finish`
     gets the in-memory onnx_ir model and its manifest before anything is written, may edit the
     model in place and returns the manifest to write (`export --quant` quantizes there, so one
-    folder is written).
+    folder is written). `kv_cache` is the graph contract: "static" (one shared cache buffer per
+    layer, export/lower/ort_static.py; the default for `ort` where ONNX Runtime has the kernel) or
+    "dynamic" (past in, present = past ++ new out; the only one for portable and onnx23).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -266,6 +268,13 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
         raise ExportError(f"--target onnx23 needs --opset 23 (got {opset})")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    from edgellama.export.lower.targets import KV_CACHES, default_kv_cache
+
+    kv_cache = kv_cache or default_kv_cache(target, dtype=dtype, provider=provider)
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+    if kv_cache == "static" and target != "ort":
+        raise ExportError(f"--kv-cache static needs --target ort; {target} keeps the dynamic contract")
     out = Path(out)
     from edgellama.export.sources import check_source, load_model
 
@@ -280,16 +289,17 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
         ir_model = export_onnx(model, dtype=dtype, opset=opset)
     if target != "portable":
         with progress.step(f"lower to {target}"):
-            ir_model = lower(ir_model, target=target, provider=provider)
+            ir_model = lower(ir_model, target=target, provider=provider, kv_cache=kv_cache)
     manifest = model_folder.Manifest(
         source=info, config=model.config.to_dict(), target=target, dtype=dtype, provider=provider,
-        opset=opset, io=describe_io(ir_model), packages=model_folder.package_versions())
+        opset=opset, io=describe_io(ir_model), packages=model_folder.package_versions(), kv_cache=kv_cache)
     if finish is not None:
         manifest = finish(ir_model, manifest)
     with model_folder.staged_folder(out, force=force, inputs=inputs) as tmp, progress.step("write model folder"):
         model_folder.save_model(ir_model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        model_folder.write_genai_config(tmp, model.config, inputs=[i["name"] for i in manifest.io["inputs"]])
+        model_folder.write_genai_config(tmp, model.config, inputs=[i["name"] for i in manifest.io["inputs"]],
+                                        share_buffer=kv_cache == "static")
         model_folder.write_manifest(tmp, manifest)
     return out

@@ -62,9 +62,7 @@ class Generator:
                                                                          strict=strict)
         self.config = self.model.config
         self.loop_mode = loop or kv_loop.default_mode(self.model)
-        if self.loop_mode not in kv_loop.MODES:
-            raise RuntimeInputError(f"unknown KV loop mode {self.loop_mode!r}; choose one of "
-                                    f"{', '.join(kv_loop.MODES)}")
+        kv_loop.check_mode(self.model, self.loop_mode)   # a static-cache folder runs the static loop
         self._tokenizer = tokenizer
         stops = set(self.config.eos_token_ids)
         tok_eos = getattr(self.tokenizer_or_none, "eos_token_id", None)
@@ -229,7 +227,7 @@ class _Call:
         b = len(self.rows)
         ids, mask = contract.left_pad(self.rows, pad_id=gen.pad_id)
         pos = contract.positions_from_mask(mask)
-        loop = kv_loop.make_loop(model, b, mode=gen.loop_mode)
+        loop = kv_loop.make_loop(model, b, mode=gen.loop_mode, capacity=ids.shape[1] + self.max_new)
         start = time.perf_counter()
         with model.run_errors():
             tokens = next_tokens(loop.step(ids, mask, pos), self.params, self.rng)

@@ -9,10 +9,15 @@ do that, one class each:
   iobinding  an IO binding per call: presents are bound to the provider's device (CUDA memory on
              a GPU) and re-bound as the next past; only the logits come to the host
 
+and one for a folder with the static KV cache contract (export/lower/ort_static.py):
+
+  static     one buffer per layer bound once as past and present, written in place by the graph
+             (runtime/static_loop.py); the left-padded rows the Generator builds are taken as
+             their real tokens (the static cache is right-padded)
+
 All state lives in the object, one per call, so concurrent calls on one session never share it.
-CUDA graphs are not used: the cache grows by one slot a step, and a captured graph needs fixed
-shapes and addresses (that needs a preallocated, shared past/present buffer, which the edgellama
-graph contract does not have).
+CUDA graphs are not used: the dynamic cache grows by one slot a step, and a captured graph needs
+fixed shapes and addresses.
 """
 
 from __future__ import annotations
@@ -23,20 +28,35 @@ import numpy as np
 
 from edgellama.errors import RuntimeInputError
 from edgellama.runtime.session import OrtModel
+from edgellama.runtime.static_loop import StaticCache, real_tokens
 
-MODES = ("numpy", "ortvalue", "iobinding")
+MODES = ("numpy", "ortvalue", "iobinding")   # the dynamic contract's loops
+STATIC = "static"
 
 
 def default_mode(model: OrtModel) -> str:
+    if model.kv_cache == "static":
+        return STATIC
     # Measured on CPU (see bench): OrtValues and IO binding both avoid copying the cache to numpy;
     # IO binding is the only way to keep it in GPU memory.
     return "iobinding" if model.provider == "cuda" else "ortvalue"
 
 
-def make_loop(model: OrtModel, batch: int, *, mode: str | None = None) -> "_Loop":
+def check_mode(model: OrtModel, mode: str) -> None:
+    """RuntimeInputError unless `mode` is a loop `model`'s KV cache contract can run."""
+    if mode not in (*MODES, STATIC):
+        raise RuntimeInputError(f"unknown KV loop mode {mode!r}; choose one of {', '.join((*MODES, STATIC))}")
+    if (mode == STATIC) != (model.kv_cache == "static"):
+        raise RuntimeInputError(f"KV loop mode {mode!r} does not fit {model.folder}, which has the "
+                                f"{model.kv_cache} KV cache contract (its loop mode is {default_mode(model)!r})")
+
+
+def make_loop(model: OrtModel, batch: int, *, mode: str | None = None, capacity: int | None = None) -> "_Loop":
+    """A loop for one call; `capacity` (prompt + new tokens) sizes the static cache's buffers."""
     mode = mode or default_mode(model)
-    if mode not in MODES:
-        raise RuntimeInputError(f"unknown KV loop mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_mode(model, mode)
+    if mode == STATIC:
+        return StaticLoop(model, batch, capacity=capacity or model.max_positions)
     return {"numpy": NumpyLoop, "ortvalue": OrtValueLoop, "iobinding": IoBindingLoop}[mode](model, batch)
 
 
@@ -123,3 +143,18 @@ class IoBindingLoop(_Loop):
         out = b.get_outputs()
         self.past = list(out[1:])
         return out[0].numpy()[:, -1, :]
+
+
+class StaticLoop(_Loop):
+    """The Generator's loop interface over a StaticCache: the first call's rows (left- or
+    right-padded) go in as their real tokens, every later call is one token per row; position ids
+    are not fed (the graph derives them from the lengths)."""
+
+    def __init__(self, model: OrtModel, batch: int, *, capacity: int):
+        super().__init__(model, batch)
+        self.cache = StaticCache(model, batch, capacity)
+
+    def _run(self, ids, mask, pos):
+        if self.past_len and ids.shape[1] == 1:
+            return self.cache.step(ids[:, 0])
+        return self.cache.prefill(real_tokens(ids, mask[:, -ids.shape[1]:]))

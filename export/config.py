@@ -81,9 +81,11 @@ class LlamaConfig:
                 f"num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            if not _positive_real(getattr(self, name)):
-                raise ConfigError(f"config: {name} must be a positive number, got {_short(getattr(self, name))}")
+        if not _positive_real(self.rms_norm_eps):
+            raise ConfigError(f"config: rms_norm_eps must be a positive number, got {_short(self.rms_norm_eps)}")
+        # the frequencies are theta ** -(2i/d): a base of 1 or less makes them all 1 or overflow to inf
+        if not (_positive_real(self.rope_theta) and self.rope_theta > 1):
+            raise ConfigError(f"config: rope_theta must be a number greater than 1, got {_short(self.rope_theta)}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"config: tie_word_embeddings must be true or false, got {_short(self.tie_word_embeddings)}")
         for name in ("bos_token_id", "pad_token_id"):
@@ -114,6 +116,9 @@ class LlamaConfig:
         for key in ("factor", "low_freq_factor", "high_freq_factor"):
             if key in needed.get(rope_type, ()) and not _positive_real(scaling[key]):
                 raise ConfigError(f"config: rope {key} must be a positive number, got {_short(scaling[key])}")
+        # a factor below 1 would shrink the context it is meant to stretch (and a tiny one overflows)
+        if rope_type != "default" and scaling["factor"] < 1:
+            raise ConfigError(f"config: rope factor must be at least 1, got {_short(scaling['factor'])}")
         if rope_type == "llama3":
             # the smoothing between the two wavelength bounds divides by high - low
             if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:

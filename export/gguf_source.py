@@ -45,7 +45,7 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors on garbage
-        raise SourceError(f"{path}: not a readable GGUF file ({e})") from None
+        raise SourceError(f"{path}: not a readable GGUF file ({_first_line(e)})") from None
     # the big tokenizer arrays are read only by _tokenizer, which needs them
     meta = {name: _value(field) for name, field in reader.fields.items()
             if not name.startswith("tokenizer.ggml.") or name.endswith("_id")
@@ -91,8 +91,12 @@ def _damaged_file(path: Path) -> Iterator[None]:
     try:
         yield
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
-        text = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise SourceError(f"{path}: not a readable GGUF file ({text})") from None
+        raise SourceError(f"{path}: not a readable GGUF file ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
 
 
 # -- metadata -------------------------------------------------------------------------------------
@@ -289,7 +293,7 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
     try:
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad vocabulary
-        raise SourceError(f"{path}: malformed tokenizer metadata ({e})") from None
+        raise SourceError(f"{path}: malformed tokenizer metadata ({_first_line(e)})") from None
     if meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -346,7 +350,7 @@ def _sentencepiece_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> A
     try:
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad vocabulary
-        raise SourceError(f"{path}: malformed tokenizer metadata ({e})") from None
+        raise SourceError(f"{path}: malformed tokenizer metadata ({_first_line(e)})") from None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(content=" ", left=1)])

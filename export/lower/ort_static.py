@@ -59,6 +59,15 @@ def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node
     return node
 
 
+def _lm_head(graph: ir.Graph) -> ir.Node | None:
+    """The MatMul that produces the logits (through the Cast to fp32 of an fp16 graph)."""
+    logits = next((v for v in graph.outputs if v.name == "logits"), None)
+    node = logits.producer() if logits is not None else None
+    if node is not None and node.op_type == "Cast":
+        node = node.inputs[0].producer()
+    return node if node is not None and node.op_type == "MatMul" and node.domain == "" else None
+
+
 def _gqas(graph: ir.Graph) -> list[ir.Node]:
     return [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
 
@@ -111,9 +120,8 @@ class StaticKvCache:
         for gqa in gqas:
             if (reason := _layer_refusal(gqa)) is not None:
                 return reason
-        logits = next((v for v in graph.outputs if v.name == "logits"), None)
-        head = logits.producer() if logits is not None else None
-        if head is None or head.op_type != "MatMul" or static_dim(head.inputs[0], -1) is None:
+        head = _lm_head(graph)
+        if head is None or static_dim(head.inputs[0], -1) is None:
             return "logits do not come from a MatMul (the LM head) with a static hidden size"
         return None
 
@@ -188,7 +196,7 @@ def _packed(graph: ir.Graph, gqa: ir.Node, ctx: Context, seqlens_k: ir.Value) ->
 def _last_position_logits(graph: ir.Graph, ids: ir.Value, mask: ir.Value, seqlens_k: ir.Value) -> None:
     """logits [B, 1, V]: the LM head reads row b's hidden state at clamp(seqlens_k - (T - S), 0, S - 1)."""
     logits = next(v for v in graph.outputs if v.name == "logits")
-    head = logits.producer()
+    head = _lm_head(graph)
     hidden = head.inputs[0]
     size = static_dim(hidden, -1)
     p = "static/last_position/"

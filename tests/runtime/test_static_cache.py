@@ -1,0 +1,175 @@
+"""The static KV cache contract at runtime (runtime/static_loop.py, the Generator's static loop): the
+same tokens as the dynamic contract, batches (left- and right-padded) equal to rows alone, stop
+tokens, sampling and threads as today, overflow grown or refused, quantized static folders,
+onnxruntime-genai on a static folder, and tools that need the dynamic contract saying so."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import numpy as np
+import pytest
+
+from edgellama.errors import RuntimeInputError
+from edgellama.runtime import kv_loop
+from edgellama.runtime.generator import Generator
+from edgellama.runtime.session import OrtModel
+from edgellama.runtime.static_loop import StaticCache, buffer_slots
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12], [40, 41, 42]]
+
+
+def _export(out, *, kv_cache, dtype="fp32", source="tiny"):
+    from edgellama.export.onnx_export import export_model
+
+    return export_model(source, out, target="ort", dtype=dtype, kv_cache=kv_cache, force=True)
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def pair(request, tmp_path_factory):
+    """(static, dynamic) ort folders of tiny in one dtype."""
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp(f"static-{request.param}")
+    return (_export(root / "static", kv_cache=None, dtype=request.param),
+            _export(root / "dynamic", kv_cache="dynamic", dtype=request.param))
+
+
+@pytest.fixture(scope="module")
+def static_gen(pair):
+    return Generator(pair[0], provider="cpu")
+
+
+def tokens(results):
+    return [r.token_ids for r in results]
+
+
+def test_folder_records_the_contract(pair):
+    static, dynamic = pair
+    m = json.loads((static / "edgellama.json").read_text())
+    assert m["kv_cache"] == "static" and json.loads((dynamic / "edgellama.json").read_text())["kv_cache"] == "dynamic"
+    assert "position_ids" not in [i["name"] for i in m["io"]["inputs"]]
+    genai = json.loads((static / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert "position_ids" not in genai["model"]["decoder"]["inputs"]
+    assert Generator(static, provider="cpu").loop_mode == "static"
+
+
+def test_greedy_equals_the_dynamic_contract(pair, static_gen):
+    dyn = Generator(pair[1], provider="cpu")
+    for prompt in PROMPTS:
+        assert (tokens(static_gen.generate_ids(prompt, max_new_tokens=24, stop=False))
+                == tokens(dyn.generate_ids(prompt, max_new_tokens=24, stop=False)))
+
+
+def test_left_padded_batch_of_three_equals_rows_alone(static_gen):
+    batch = tokens(static_gen.generate_ids(PROMPTS, max_new_tokens=12, stop=False))
+    alone = [static_gen.generate_ids(p, max_new_tokens=12, stop=False)[0].token_ids for p in PROMPTS]
+    assert batch == alone
+
+
+def test_right_padded_batch_of_three_equals_rows_alone(static_gen):
+    model = static_gen.model
+
+    def greedy(rows, n=10):
+        cache = StaticCache(model, len(rows), max(map(len, rows)) + n)
+        tok = cache.prefill(rows).argmax(-1)
+        out = [tok]
+        for _ in range(n - 1):
+            tok = cache.step(tok).argmax(-1)
+            out.append(tok)
+        return np.stack(out, 1).tolist()
+
+    batch = greedy(PROMPTS)
+    assert batch == [greedy([p])[0] for p in PROMPTS]
+
+
+def test_stop_tokens_sampling_and_threads_as_the_dynamic_contract(pair, static_gen):
+    dyn = Generator(pair[1], provider="cpu")
+    kw = dict(max_new_tokens=12, temperature=1.2, top_p=0.9, seed=11, stop=False)
+    assert tokens(static_gen.generate_ids(PROMPTS, **kw)) == tokens(dyn.generate_ids(PROMPTS, **kw))
+    free = static_gen.generate_ids(PROMPTS[0], max_new_tokens=20, stop=False)[0].token_ids
+    gen = Generator(pair[0], provider="cpu")
+    gen.stop_ids = frozenset({free[3]})
+    res = gen.generate_ids(PROMPTS[0], max_new_tokens=20)[0]
+    assert res.token_ids == free[:free.index(free[3]) + 1] and res.finish_reason == "stop"
+    jobs = [([3 + i % 5, 4, 5 + i % 3], dict(max_new_tokens=10, temperature=1.0 if i % 2 else 0.0, seed=i,
+                                             stop=False)) for i in range(8)]
+    serial = [static_gen.generate_ids(p, **k)[0].token_ids for p, k in jobs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = [f.result() for f in [pool.submit(lambda p=p, k=k: static_gen.generate_ids(p, **k)[0].token_ids)
+                                         for p, k in jobs]]
+    assert threaded == serial
+
+
+def test_buffer_sized_to_the_request_grows_or_refuses(static_gen):
+    model = static_gen.model
+    assert buffer_slots(10, limit=model.max_positions) == 64 and buffer_slots(300, limit=256) == 300
+    assert buffer_slots(100, limit=model.max_positions) == min(128, model.max_positions)
+    prompt = PROMPTS[0]
+    big = StaticCache(model, 1, 64)
+    want = [big.prefill([prompt])[0].copy()] + [big.step(np.array([t]))[0].copy() for t in (3, 4, 5, 6)]
+    small = StaticCache(model, 1, len(prompt) + 1, round_to=1)
+    assert small.capacity == len(prompt) + 1
+    got = [small.prefill([prompt])[0].copy()] + [small.step(np.array([t]))[0].copy() for t in (3, 4, 5, 6)]
+    assert small.capacity > len(prompt) + 1
+    np.testing.assert_array_equal(np.stack(got), np.stack(want))
+    fixed = StaticCache(model, 1, len(prompt) + 1, grow=False, round_to=1)
+    fixed.prefill([prompt])
+    fixed.step(np.array([3]))
+    with pytest.raises(RuntimeInputError, match=r"needs 9 cache slots; its buffer holds 8 \(growing is off\)"):
+        fixed.step(np.array([4]))
+    with pytest.raises(RuntimeInputError, match="the model's context is"):
+        StaticCache(model, 1, model.max_positions + 1)
+
+
+def test_dynamic_only_tools_say_so(pair, static_gen):
+    with pytest.raises(RuntimeInputError, match="static KV cache contract .* forward needs the dynamic one"):
+        static_gen.model.forward(np.array([[3]]), np.ones((1, 1)), np.zeros((1, 1)), static_gen.model.empty_past(1))
+    with pytest.raises(RuntimeInputError, match="does not fit .* static KV cache contract"):
+        Generator(static_gen.model, loop="ortvalue")
+    with pytest.raises(RuntimeInputError, match="does not fit .* dynamic KV cache contract"):
+        Generator(OrtModel(pair[1], provider="cpu"), loop=kv_loop.STATIC)
+    with pytest.raises(RuntimeInputError, match="dynamic KV cache contract; the static cache needs"):
+        StaticCache(OrtModel(pair[1], provider="cpu"), 1, 8)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_static_folder(pair, tmp_path, mode):
+    from edgellama.quant.api import quantize_folder
+
+    static, dynamic = pair
+    if json.loads((static / "edgellama.json").read_text())["dtype"] != "fp32":
+        pytest.skip("quantization starts from fp32")
+    out_s = quantize_folder(static, tmp_path / "s", mode=mode)
+    out_d = quantize_folder(dynamic, tmp_path / "d", mode=mode)
+    assert json.loads((out_s / "edgellama.json").read_text())["kv_cache"] == "static"
+    gen_s, gen_d = Generator(out_s, provider="cpu"), Generator(out_d, provider="cpu")
+    assert gen_s.loop_mode == "static"
+    got = gen_s.generate_ids(PROMPTS, max_new_tokens=8, stop=False)
+    assert all(len(r.token_ids) == 8 for r in got)
+    if mode == "int8":   # the same weights and smoothing: the same tokens
+        assert tokens(got) == tokens(gen_d.generate_ids(PROMPTS, max_new_tokens=8, stop=False))
+
+
+@pytest.mark.genai
+def test_genai_greedy_equals_ours_on_a_static_folder(pair):
+    pytest.importorskip("onnxruntime_genai")
+    from edgellama.check import bench
+    from tests.check.test_genai import _until_eos, genai_eos_ids, genai_greedy
+
+    static = pair[0]
+    ours = Generator(static, provider="cpu")
+    prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
+    mine = ours.generate_ids(prompt, max_new_tokens=16, stop=False)[0].token_ids
+    assert genai_greedy(static, prompt, 16) == _until_eos(mine, genai_eos_ids(static))
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_greedy_64_tokens_equals_the_dynamic_contract(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2-static")
+    static = Generator(_export(root / "static", kv_cache="static", source="smollm2"), provider="cpu")
+    dynamic = Generator(_export(root / "dynamic", kv_cache="dynamic", source="smollm2"), provider="cpu")
+    prompt = static.encode("The capital of France is Paris. The capital of Germany is")
+    assert (tokens(static.generate_ids(prompt, max_new_tokens=64, stop=False))
+            == tokens(dynamic.generate_ids(prompt, max_new_tokens=64, stop=False)))

@@ -8,6 +8,11 @@ a probe key (see PROBES) to that block's output [B, S, F] when the side was open
 `TorchSide` runs the fp32 torch blocks (export/model.py); `OrtSide` an exported folder through
 `runtime/session.py`'s OrtModel, its probes through a second session on the graph edited in memory
 to output the block values (`with_outputs`). Torch is imported only by the torch side.
+
+A folder with the static KV cache contract (export/lower/ort_static.py) runs through its own loop
+(runtime/static_loop.py's StaticCache, one per batch), on its graph edited in memory to return
+every position's logits; its right-padded rows, logits, probes and cache are laid out as the
+dynamic contract's left-padded ones, so the comparison is the same.
 """
 
 from __future__ import annotations
@@ -193,6 +198,60 @@ def with_outputs(folder: Path, names: list[str], *, proto: Any = None, **session
     return OrtModel(folder, proto=proto, **session)
 
 
+def full_logits(proto: Any) -> Any:
+    """A static-contract graph (ModelProto, edited in place) whose LM head reads every position's
+    hidden state instead of each row's last one: logits [B, S, V]."""
+    from edgellama.export.lower.ort_static import LAST_HIDDEN
+
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    if LAST_HIDDEN not in producers:
+        return proto
+    # LAST_HIDDEN = Unsqueeze(Gather(Reshape(hidden)))
+    hidden = producers[producers[producers[LAST_HIDDEN].input[0]].input[0]].input[0]
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name == LAST_HIDDEN:
+                node.input[i] = hidden
+    for out in proto.graph.output:
+        if out.name == contract.LOGITS:
+            out.type.tensor_type.shape.dim[1].dim_param = "sequence"
+    return proto
+
+
+class _StaticRun:
+    """The static contract behind the dynamic one's forward: left-padded rows in, left-padded
+    logits, probes and cache out."""
+
+    def __init__(self, model: Any, probe_values: list[str]):
+        self.model, self.probe_values, self.cache = model, probe_values, None
+
+    def forward(self, input_ids, attention_mask, past):
+        from edgellama.runtime.static_loop import StaticCache, real_tokens
+
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        b, s, t = ids.shape[0], ids.shape[1], mask.shape[1]
+        if self.cache is None or not past or past[0].shape[2] == 0:   # a first call: a new request
+            self.cache = StaticCache(self.model, b, t + 64, extra_outputs=self.probe_values)
+        rows = real_tokens(ids, mask[:, -s:])
+        self.cache.append(rows)
+        outs = self.cache.outputs()
+
+        def left(x):   # right-padded [B, S, F] -> left-padded
+            y = np.zeros_like(x)
+            for r, row in enumerate(rows):
+                y[r, s - len(row):] = x[r, :len(row)]
+            return y
+
+        logits, extra = left(outs[0]), [left(x) if x.ndim == 3 and x.shape[1] == s else x for x in outs[1:]]
+        present = []
+        for buf in self.cache.key_values():
+            p = np.zeros((b, buf.shape[1], t, buf.shape[3]), buf.dtype)
+            for r, n in enumerate(self.cache.lengths):
+                p[r, :, t - n:] = buf[r, :, :n]
+            present.append(p)
+        return logits, present, dict(zip(self.probe_values, extra))
+
+
 class OrtSide:
     """An exported model folder on one ONNX Runtime provider (runtime/session.py's OrtModel)."""
 
@@ -208,6 +267,13 @@ class OrtSide:
         self.label = label or f"{self.folder.name} ({provider})"
         # run_parity verified the folder's hashes once already; the probe session reuses that.
         self.model = OrtModel(self.folder, provider=provider, threads=threads, verify=verify)
+        self.static = self.model.kv_cache == "static"
+        if self.static:
+            from edgellama import folder as model_folder
+
+            proto = full_logits(model_folder.load_model_proto(self.folder, with_weights=False))
+            self.model = OrtModel(self.folder, provider=provider, threads=threads, verify=False, proto=proto)
+            self._static = _StaticRun(self.model, [])
         self.manifest = self.model.manifest
         self.config = self.model.config
         self._probe_model = None
@@ -221,18 +287,26 @@ class OrtSide:
         from edgellama import folder as model_folder
 
         proto = model_folder.load_model_proto(self.folder, with_weights=False)
+        if self.static:
+            proto = full_logits(proto)
         found = find_probe_values(proto.graph, self.config.num_hidden_layers)
         self._probe_values = {k: v for k, (v, _) in found.items()}
         self.probe_names = {k: n for k, (_, n) in found.items()}
         self._probe_model = with_outputs(self.folder, sorted(set(self._probe_values.values())), proto=proto,
                                          provider=self.provider, threads=self.threads, verify=False)
+        if self.static:
+            self._static_probes = _StaticRun(self._probe_model, sorted(set(self._probe_values.values())))
 
     def forward(self, input_ids, attention_mask, position_ids, past, *, probes: bool = False):
         if probes and self._probe_model is None:
             self._open_probes()
         model = self._probe_model if probes else self.model
-        # OrtModel.forward casts the inputs and the past (to its kv_dtype) itself.
-        logits, present, extra = model.forward(input_ids, attention_mask, position_ids, past)
+        if self.static:   # positions follow from the lengths: position_ids is not fed
+            run = self._static_probes if probes else self._static
+            logits, present, extra = run.forward(input_ids, attention_mask, contract.flatten(past))
+        else:
+            # OrtModel.forward casts the inputs and the past (to its kv_dtype) itself.
+            logits, present, extra = model.forward(input_ids, attention_mask, position_ids, past)
         captured = {}
         if probes:
             for key, value in self._probe_values.items():

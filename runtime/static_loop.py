@@ -32,7 +32,8 @@ def buffer_slots(needed: int, *, limit: int, round_to: int = ROUND_TO) -> int:
 class StaticCache:
     """The cache buffers, the IO binding and the lengths of one request on a static-contract model."""
 
-    def __init__(self, model: OrtModel, batch: int, capacity: int, *, grow: bool = True, round_to: int = ROUND_TO):
+    def __init__(self, model: OrtModel, batch: int, capacity: int, *, grow: bool = True, round_to: int = ROUND_TO,
+                 extra_outputs: Sequence[str] = ()):
         if model.kv_cache != "static":
             raise RuntimeInputError(f"{model.folder} has the dynamic KV cache contract; the static cache needs a "
                                     "folder exported with --kv-cache static")
@@ -60,6 +61,15 @@ class StaticCache:
         if self.last_only:
             self.logits = np.zeros((batch, 1, c.vocab_size), np.float32)
             self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        # Outputs ONNX Runtime shapes per call (bound again before each, or the last call's
+        # allocation would be reused): all-position logits, further outputs such as parity's probes.
+        self._per_call = ([] if self.last_only else ["logits"]) + list(extra_outputs)
+        for name in self._per_call:
+            self.binding.bind_output(name, "cpu")
+
+    def outputs(self) -> list[np.ndarray]:
+        """The last call's logits and extra outputs, in that order (after the bound caches)."""
+        return [v.numpy() for v in self.binding.get_outputs()[len(self.kv):]]
 
     # -- buffers ----------------------------------------------------------------------------------
     def _allocate(self, slots: int) -> None:
@@ -105,6 +115,8 @@ class StaticCache:
         # Kept referenced until the next call: the binding reads the array's memory.
         self._mask_now = np.ascontiguousarray(self.mask[:, :self.width])
         self.binding.bind_cpu_input("attention_mask", self._mask_now)
+        for name in self._per_call:
+            self.binding.bind_output(name, "cpu")
         with self.model.run_errors():
             self.model.session.run_with_iobinding(self.binding)
 
@@ -129,11 +141,9 @@ class StaticCache:
         self.width = int(self.lengths.max())
         self._ids_now = ids
         self.binding.bind_cpu_input("input_ids", ids)
-        if not self.last_only:
-            self.binding.bind_output("logits", "cpu")
         self._run()
         self.binding.bind_ortvalue_input("input_ids", self._step_ids)
-        return self.logits.copy() if self.last_only else self.binding.get_outputs()[0].numpy()
+        return self.logits.copy() if self.last_only else self.outputs()[0]
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """`append`, then each row's last real position: logits [B, V]."""
@@ -150,11 +160,9 @@ class StaticCache:
         self.mask[np.arange(self.batch), self.lengths] = 1
         self.lengths += 1
         self.width = int(self.lengths.max())
-        if not self.last_only:
-            self.binding.bind_output("logits", "cpu")
-            self._run()
-            return self.binding.get_outputs()[0].numpy()[:, -1]
         self._run()
+        if not self.last_only:
+            return self.outputs()[0][:, -1]
         return self.logits[:, 0]
 
 

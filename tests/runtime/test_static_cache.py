@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edgellama.errors import RuntimeInputError
+from edgellama.folder import verify_folder
 from edgellama.runtime import kv_loop
 from edgellama.runtime.generator import Generator
 from edgellama.runtime.session import OrtModel
@@ -173,3 +174,24 @@ def test_smollm2_fp32_greedy_64_tokens_equals_the_dynamic_contract(tmp_path_fact
     prompt = static.encode("The capital of France is Paris. The capital of Germany is")
     assert (tokens(static.generate_ids(prompt, max_new_tokens=64, stop=False))
             == tokens(dynamic.generate_ids(prompt, max_new_tokens=64, stop=False)))
+
+
+def test_parity_of_a_static_folder_against_torch(pair):
+    """check/parity runs a static folder through its own loop: fp32 tolerances pass, and the block
+    probes (rotary fused into attention: not compared) localize on it."""
+    from edgellama.check import parity
+    from edgellama.check.parity_sides import OrtSide
+
+    static = pair[0]
+    if json.loads((static / "edgellama.json").read_text())["dtype"] != "fp32":
+        pytest.skip("fp32 tolerances")
+    report = parity.run_parity(static, reference="torch", decode_steps=4)
+    assert report["status"] == "pass" and report["comparisons"][0]["greedy"]["match_fraction"] == 1.0
+    ref = parity.load_torch_reference(verify_folder(static), folder=static)
+    cand = OrtSide(static, provider="cpu")
+    config = cand.config
+    batch = parity.make_batches(parity.encode_prompts(list(parity.DEFAULT_PROMPTS), folder=static, config=config),
+                                pad_id=0)[-1]
+    found = parity.localize(ref, cand, batch, steps=2, block_rel=1e-3, n_layers=config.num_hidden_layers)
+    compared = {row["key"] for row in found["blocks"] if row["compared"]}
+    assert "layers.0.attention" in compared and "norm" in compared and found["first_failing"] is None

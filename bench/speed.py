@@ -7,6 +7,15 @@ For each precision (fp32 export; int8 / int4 through quant.api.quantize_folder)
 and target, our Generator runs interleaved with onnxruntime-genai on its own builder's export of
 the same checkpoint at the same precision; fp32 adds transformers eager. Model folders and the
 builder's output are kept under --out, so a second run only measures.
+
+    python bench/speed.py --out out/speed --kv-compare --contexts 64,1024,3072 [--no-spin] [--rss]
+
+--kv-compare: the KV cache contracts instead: ours with the static cache vs ours with the dynamic
+cache (both `ort`, every decode step timed through runtime/kv_loop.py) vs onnxruntime-genai's
+builder, interleaved rounds in one process, one table per precision and prompt length (--contexts;
+default --prompt-tokens): prefill ms, decode tok/s, the median step, and with --rss each runner's
+peak RSS in a child process of its own. --no-spin sets ONNX Runtime's
+session.intra_op.allow_spinning=0 on every runner (the default leaves ONNX Runtime's choice).
 """
 
 from __future__ import annotations
@@ -29,7 +38,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--kv-compare", action="store_true", help="static vs dynamic KV cache vs genai (see above)")
+    ap.add_argument("--contexts", default=None, help="with --kv-compare: prompt lengths, e.g. 64,1024,3072")
+    ap.add_argument("--no-spin", action="store_true", help="session.intra_op.allow_spinning=0 on every runner")
+    ap.add_argument("--rss", action="store_true", help="with --kv-compare: peak RSS per runner (child processes)")
     args = ap.parse_args()
+    if args.kv_compare:
+        return kv_compare(args)
 
     from edgellama.check import bench
     from edgellama.export.onnx_export import export_model
@@ -78,6 +93,63 @@ def main() -> None:
               f"batch 1, CPU, {args.threads} threads, median of {args.runs}")
         print(bench.format_table(rows, bandwidth=bandwidth), flush=True)
         all_rows += [{**r.to_dict(), "bandwidth_bytes_per_s": bandwidth} for r in rows]
+    if args.json:
+        args.json.write_text(json.dumps(all_rows, indent=2))
+
+
+def kv_compare(args) -> None:
+    from edgellama.check import bench
+    from edgellama.export.onnx_export import export_model
+    from edgellama.export.sources import save_hf_folder
+    from edgellama.quant.api import quantize_folder
+
+    def say(s):
+        print(f"[speed] {s}", file=sys.stderr, flush=True)
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"session.intra_op.allow_spinning": "0"} if args.no_spin else None
+    contexts = [int(c) for c in (args.contexts or str(args.prompt_tokens)).split(",")]
+    all_rows = []
+    for precision in args.precisions.split(","):
+        folders = {}
+        for contract in ("static", "dynamic"):
+            fp32 = out / f"{args.source}-ort-{contract}-fp32"
+            if not (fp32 / "edgellama.json").is_file():
+                say(f"exporting {args.source} (ort, {contract} KV cache)")
+                export_model(args.source, fp32, target="ort", kv_cache=contract, force=True)
+            folders[contract] = fp32
+            if precision != "fp32":
+                folders[contract] = out / f"{args.source}-ort-{contract}-{precision}"
+                if not (folders[contract] / "edgellama.json").is_file():
+                    say(f"quantizing {folders[contract].name}")
+                    quantize_folder(fp32, folders[contract], mode=precision, force=True)
+        runners = [bench.LoopRunner(folders[c], threads=args.threads, session_config=config,
+                                    name=f"edgellama {c} cache") for c in ("static", "dynamic")]
+        genai_folder = None
+        if args.source in ("smollm2",) or Path(args.source).is_dir():
+            hf = out / f"{args.source}-hf"
+            if not (hf / "config.json").is_file():
+                save_hf_folder(args.source, hf)
+            genai_folder = bench.build_genai_model(hf, out / f"genai-{args.source}-{precision}", precision=precision)
+        else:   # a source genai's builder cannot read (tiny): genai runs our static folder
+            genai_folder = folders["static"]
+        runners.append(bench.GenaiRunner(genai_folder, name="onnxruntime-genai", precision=precision,
+                                         threads=args.threads, session_config=config))
+        for context in contexts:
+            prompt = bench.bench_prompt(runners[0].model.config.vocab_size, context)
+            rows = bench.run_bench(runners, prompt=prompt, new_tokens=args.new_tokens, runs=args.runs, progress=say)
+            if args.rss:
+                kinds = [("loop", folders["static"]), ("loop", folders["dynamic"]), ("genai", genai_folder)]
+                for row, (kind, folder) in zip(rows, kinds):
+                    row.peak_rss_mb = bench.peak_rss_mb(kind, folder, prompt=prompt, new_tokens=args.new_tokens,
+                                                        threads=args.threads, session_config=config)
+            print(f"\n== {args.source} {precision}: {context}-token prompt, {args.new_tokens} new tokens, batch 1, "
+                  f"CPU, {args.threads} threads, {args.runs} interleaved rounds{' (no spinning)' if config else ''}")
+            print(bench.format_table(rows), flush=True)
+            same = {r.name: r.tokens == rows[0].tokens for r in rows}
+            print(f"greedy tokens identical to {rows[0].name}: {same}")
+            all_rows += [{**r.to_dict(), "context": context, "no_spin": bool(config)} for r in rows]
     if args.json:
         args.json.write_text(json.dumps(all_rows, indent=2))
 

@@ -34,6 +34,7 @@ class Timing:
     prefill_ms: float
     decode_tokens_per_s: float
     tokens: list[int]
+    step_ms: list[float] = dataclasses.field(default_factory=list)   # each decode step, where timed
 
 
 @dataclasses.dataclass
@@ -50,6 +51,8 @@ class Row:
     fraction_of_bound: float = 0.0
     tokens: list[int] = dataclasses.field(default_factory=list)
     note: str = ""
+    step_ms_median: float = 0.0
+    peak_rss_mb: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +100,39 @@ class OursRunner(Runner):
     def run(self, prompt, new_tokens):
         r = self.gen.generate_ids(prompt, max_new_tokens=new_tokens, stop=False)[0]
         return Timing(r.prefill_ms, r.decode_tokens_per_s, r.token_ids)
+
+
+class LoopRunner(Runner):
+    """Our KV loop (runtime/kv_loop.py, either contract) driven greedily with every decode step
+    timed: what the Generator runs, less sampling. `session_config` goes to ONNX Runtime (e.g.
+    {"session.intra_op.allow_spinning": "0"})."""
+
+    def __init__(self, folder: Path, *, threads: int | None = None, name: str | None = None,
+                 session_config: dict[str, str] | None = None):
+        from edgellama.runtime import kv_loop
+        from edgellama.runtime.session import OrtModel
+
+        self.kv_loop = kv_loop
+        self.model = OrtModel(folder, provider="cpu", threads=threads, session_config=session_config)
+        self.name = name or f"edgellama ({self.model.manifest.target}, {self.model.kv_cache} cache)"
+        self.precision = self.model.manifest.precision
+        self.weight_bytes = self.model.weight_bytes
+
+    def run(self, prompt, new_tokens):
+        loop = self.kv_loop.make_loop(self.model, 1, capacity=len(prompt) + new_tokens)
+        ids, mask = np.asarray([prompt], np.int64), np.ones((1, len(prompt)), np.int64)
+        pos = np.arange(len(prompt), dtype=np.int64)[None]
+        t = time.perf_counter()
+        tok = loop.step(ids, mask, pos).argmax(-1)
+        prefill = time.perf_counter() - t
+        tokens, steps = [int(tok[0])], []
+        for k in range(new_tokens - 1):
+            t = time.perf_counter()
+            mask = np.ones((1, len(prompt) + k + 1), np.int64)
+            tok = loop.step(tok[:, None].astype(np.int64), mask, pos[:, -1:] + k + 1).argmax(-1)
+            steps.append(time.perf_counter() - t)
+            tokens.append(int(tok[0]))
+        return Timing(prefill * 1e3, len(steps) / sum(steps) if steps else 0.0, tokens, [s * 1e3 for s in steps])
 
 
 class TorchRunner(Runner):
@@ -170,16 +206,18 @@ class GenaiRunner(Runner):
     """onnxruntime-genai's `Generator` on a folder with genai_config.json (ours, or its builder's output)."""
 
     def __init__(self, folder: Path, *, name: str, precision: str, provider: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, session_config: dict[str, str] | None = None):
         og = _genai()
         self.og = og
         config = og.Config(str(folder))
         config.clear_providers()
         if provider == "cuda":
             config.append_provider("cuda")
+        options = dict(session_config or {})   # genai hands keys it does not know to ONNX Runtime
         if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+            options.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+        if options:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
         self.name, self.precision = name, precision
         self.weight_bytes = sum(p.stat().st_size for p in Path(folder).iterdir()
@@ -195,12 +233,15 @@ class GenaiRunner(Runner):
         gen.append_tokens(np.asarray([prompt], dtype=np.int32))   # the prompt's forward pass
         gen.generate_next_token()                                  # the first token, from those logits
         prefill = time.perf_counter() - t
-        t = time.perf_counter()
+        steps = []
         for _ in range(new_tokens - 1):
+            t = time.perf_counter()
             gen.generate_next_token()
-        decode = time.perf_counter() - t
+            steps.append(time.perf_counter() - t)
+        decode = sum(steps)
         tokens = [int(x) for x in gen.get_sequence(0)[len(prompt):]]
-        return Timing(prefill * 1e3, (new_tokens - 1) / decode if decode > 0 else 0.0, tokens)
+        return Timing(prefill * 1e3, (new_tokens - 1) / decode if decode > 0 else 0.0, tokens,
+                      [x * 1e3 for x in steps])
 
 
 def build_genai_model(hf_folder: Path, out: Path, *, precision: str, provider: str = "cpu") -> Path:
@@ -248,7 +289,8 @@ def run_bench(runners: Sequence[Runner], *, prompt: list[int], new_tokens: int, 
         row = Row(name=r.name, precision=r.precision, weight_bytes=r.weight_bytes, runs=len(ts),
                   prefill_ms=statistics.median(t.prefill_ms for t in ts),
                   decode_tokens_per_s=statistics.median(t.decode_tokens_per_s for t in ts),
-                  tokens=ts[-1].tokens, note=r.note)
+                  tokens=ts[-1].tokens, note=r.note,
+                  step_ms_median=statistics.median(statistics.median(t.step_ms) for t in ts) if ts[0].step_ms else 0.0)
         if bandwidth and r.weight_bytes:
             row.bound_tokens_per_s = bandwidth / r.weight_bytes
             row.fraction_of_bound = row.decode_tokens_per_s / row.bound_tokens_per_s
@@ -256,10 +298,38 @@ def run_bench(runners: Sequence[Runner], *, prompt: list[int], new_tokens: int, 
     return rows
 
 
+def peak_rss_mb(runner: str, folder: Path, *, prompt: list[int], new_tokens: int, threads: int | None = None,
+                session_config: dict[str, str] | None = None) -> float:
+    """Peak resident memory (MB) of a fresh process that loads one runner ("loop" or "genai") on
+    `folder` and generates once: each runner alone, so neither counts the other's memory."""
+    script = (
+        "import json, resource, sys\n"
+        "from pathlib import Path\n"
+        "from edgellama.check import bench\n"
+        "a = json.loads(sys.argv[1])\n"
+        "if a['runner'] == 'loop':\n"
+        "    r = bench.LoopRunner(Path(a['folder']), threads=a['threads'], session_config=a['config'])\n"
+        "else:\n"
+        "    r = bench.GenaiRunner(Path(a['folder']), name='genai', precision='?', threads=a['threads'],\n"
+        "                          session_config=a['config'])\n"
+        "r.run(a['prompt'], a['new_tokens'])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    args = {"runner": runner, "folder": str(folder), "threads": threads, "config": session_config,
+            "prompt": list(prompt), "new_tokens": new_tokens}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise EdgellamaError(f"measuring the peak memory of {runner} on {folder} failed: {tail[0]}")
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024   # ru_maxrss is in KiB on Linux
+
+
 def format_table(rows: Sequence[Row], *, bandwidth: float | None = None) -> str:
-    head = ("runner", "precision", "weights MB", "prefill ms", "decode tok/s", "bound tok/s", "of bound")
+    head = ("runner", "precision", "weights MB", "prefill ms", "decode tok/s", "step ms", "peak RSS MB",
+            "bound tok/s", "of bound")
     body = [(r.name, r.precision, f"{r.weight_bytes / 1e6:.0f}", f"{r.prefill_ms:.1f}",
-             f"{r.decode_tokens_per_s:.1f}", f"{r.bound_tokens_per_s:.0f}" if r.bound_tokens_per_s else "-",
+             f"{r.decode_tokens_per_s:.1f}", f"{r.step_ms_median:.3f}" if r.step_ms_median else "-",
+             f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-",
+             f"{r.bound_tokens_per_s:.0f}" if r.bound_tokens_per_s else "-",
              f"{100 * r.fraction_of_bound:.0f}%" if r.fraction_of_bound else "-") for r in rows]
     widths = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
     lines = ["  ".join(str(v).ljust(w) if c < 2 else str(v).rjust(w) for c, (v, w) in enumerate(zip(line, widths)))

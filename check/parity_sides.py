@@ -102,10 +102,9 @@ class TorchSide:
             # from the hooked inputs with the reference functions the custom ops run (same numbers).
             def hook(module, args, output):
                 x, pos, cos, sin, past_k, past_v, mask = args
-                q = ops.rotary_ref(module.q_proj(x), pos, cos, sin, module.n_heads)
-                k = ops.rotary_ref(module.k_proj(x), pos, cos, sin, module.n_kv_heads)
-                out = ops.gqa_ref(q, k, module.v_proj(x), past_k, past_v, mask, module.n_heads,
-                                  module.n_kv_heads, module.scale)[0]
+                q, k, v = module.rotated_qkv(x, pos, cos, sin)
+                out = ops.gqa_ref(q, k, v, past_k, past_v, mask, module.n_heads,
+                                  module.n_kv_heads, module.scale, module.window)[0]
                 captured[f"layers.{i}.q_rotary"] = q.float().numpy()
                 captured[f"layers.{i}.k_rotary"] = k.float().numpy()
                 captured[f"layers.{i}.attention"] = out.float().numpy()
@@ -215,6 +214,9 @@ def full_logits(proto: Any) -> Any:
     for out in proto.graph.output:
         if out.name == contract.LOGITS:
             out.type.tensor_type.shape.dim[1].dim_param = "sequence"
+    # Recorded shapes of values after the head (e.g. fp16 logits before their Cast) still say one
+    # position: ONNX Runtime infers them again.
+    del proto.graph.value_info[:]
     return proto
 
 

@@ -215,7 +215,7 @@ class OrtModel:
         try:
             yield
         except Exception as e:
-            if type(e).__module__.split(".")[0] != "onnxruntime":
+            if not _from_onnxruntime(e):
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RuntimeInputError(f"{self.folder}: ONNX Runtime failed to run the model: {first}") from None
@@ -284,6 +284,17 @@ class OrtModel:
             out = self.session.run(self.output_names, feeds)
         n = 1 + len(self.present_names)
         return out[0], list(out[1:n]), dict(zip(self.output_names[n:], out[n:]))
+
+
+def _from_onnxruntime(e: BaseException) -> bool:
+    """An error of ONNX Runtime's: its own types, or the RuntimeError its Python layer raises
+    (`run_with_iobinding` reports a failed run as a plain RuntimeError)."""
+    if type(e).__module__.split(".")[0] == "onnxruntime":
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return isinstance(e, RuntimeError) and tb is not None and "onnxruntime" in Path(tb.tb_frame.f_code.co_filename).parts
 
 
 def session_options(*, threads: int | None = None, strict: bool = False, optimization: str = "all",

@@ -350,6 +350,16 @@ def test_onnx_runtime_errors_come_out_typed(shared, generator, monkeypatch):
     with pytest.raises(RuntimeInputError, match="a kernel failed"):
         generator.generate("hi", max_new_tokens=2)
 
+    def iobinding_failure(*args, **kwargs):   # ORT's Python layer raises a plain RuntimeError here
+        class Loop:
+            def step(self, *a):
+                toy.session.run_with_iobinding(toy.session.io_binding())
+        return Loop()
+
+    monkeypatch.setattr(kv_loop, "make_loop", iobinding_failure)
+    with pytest.raises(RuntimeInputError, match="Error in execution"):
+        generator.generate("hi", max_new_tokens=2)
+
 
 @pytest.mark.parametrize("vocab", [1024, 300])
 def test_a_manifest_vocab_that_disagrees_with_the_weights_is_refused(vocab, shared, tmp_path):

@@ -226,6 +226,19 @@ def check_output(out: Path, *, force: bool, inputs: tuple[Path | str, ...] = ())
 
 
 @contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held (delivered on exit) for a few system calls that must not be split."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def staged_folder(out: Path, *, force: bool, inputs: tuple[Path | str, ...] = ()) -> Iterator[Path]:
     """Yield an empty temp folder beside `out`; on success it replaces `out` in one rename.
 
@@ -245,15 +258,17 @@ def staged_folder(out: Path, *, force: bool, inputs: tuple[Path | str, ...] = ()
             raise ModelFolderError(f"writing {out} failed: {e.strerror or e}"
                                    f"{' (' + e.filename + ')' if getattr(e, 'filename', None) else ''}") from None
         old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if old is not None:
-                old.rename(out)
-            raise
+        # An interrupt between the two renames would leave OUT missing: hold signals across the swap.
+        with _signals_held():
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+            try:
+                tmp.rename(out)
+            except OSError:
+                if old is not None:
+                    old.rename(out)
+                raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -470,15 +485,24 @@ def _tensor_bytes(tensor: Any) -> int | None:
 
 
 def check_vocab(model: Any, *, vocab_size: int, folder: Path) -> None:
-    """Refuse a folder whose manifest's vocab_size disagrees with the graph's logits (the rows of its
-    embedding): the runtime bounds token ids by the manifest, and ids past the real table would reach
-    ONNX Runtime's Gather."""
+    """Refuse a folder whose manifest's vocab_size disagrees with the graph (the rows of the embedding
+    table that input_ids index, the logits' width): the runtime bounds token ids by the manifest, and
+    ids past the real table would reach ONNX Runtime's Gather."""
+    sizes = {}
+    rows = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
+    for node in model.graph.node:
+        if node.op_type in ("Gather", "GatherBlockQuantized") and "input_ids" in node.input[1:2]:
+            if node.input[0] in rows:
+                sizes["the embedding table"] = rows[node.input[0]]
     for output in model.graph.output:
         if output.name == "logits":
             dims = output.type.tensor_type.shape.dim
-            if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != vocab_size:
-                raise ModelFolderError(f"{folder}: the manifest says vocab_size {vocab_size}, the model's "
-                                       f"logits have {dims[-1].dim_value}")
+            if dims and dims[-1].HasField("dim_value"):
+                sizes["the logits"] = dims[-1].dim_value
+    for what, n in sizes.items():
+        if n != vocab_size:
+            raise ModelFolderError(f"{folder}: the manifest's vocab_size ({vocab_size}) disagrees with the "
+                                   f"model ({what} has {n} entries)")
 
 
 def load_model_proto(folder: Path, *, with_weights: bool = True) -> Any:

@@ -158,7 +158,7 @@ class OrtModel:
         if self.provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ProviderError("CUDA is not available: the session fell back to the CPU")
         self._check_io()
-        self._check_vocab(graph)
+        model_folder.check_vocab(graph, vocab_size=self.config.vocab_size, folder=self.folder)
 
     # -- graph contract ---------------------------------------------------------------------------
     def _check_io(self) -> None:
@@ -189,24 +189,6 @@ class OrtModel:
         if dtype is None:
             raise ModelFolderError(f"{self.folder}: unsupported KV cache type {kv_type}")
         self.kv_dtype = np.dtype(dtype)
-
-    def _check_vocab(self, graph: Any) -> None:
-        """The manifest's vocab_size is what every id is checked against: it must be the embedding
-        table's rows and the logits' width, or an id past the table would reach ONNX Runtime."""
-        init = {t.name: list(t.dims) for t in graph.graph.initializer}
-        sizes = {}
-        for node in graph.graph.node:
-            if node.op_type in ("Gather", "GatherBlockQuantized") and contract.INPUT_IDS in node.input[1:2]:
-                dims = init.get(node.input[0])
-                if dims:
-                    sizes["the embedding table"] = dims[0]
-        logits = next(o for o in self.session.get_outputs() if o.name == contract.LOGITS)
-        if logits.shape and isinstance(logits.shape[-1], int):
-            sizes["the logits"] = logits.shape[-1]
-        for what, n in sizes.items():
-            if n != self.config.vocab_size:
-                raise ModelFolderError(f"{self.folder}: the manifest's vocab_size ({self.config.vocab_size}) "
-                                       f"disagrees with the model ({what} has {n} entries)")
 
     @contextlib.contextmanager
     def run_errors(self) -> Iterator[None]:

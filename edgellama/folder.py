@@ -181,17 +181,24 @@ def _check_entries(data: dict[str, Any], *, where: str) -> None:
 
 
 # -- paths taken from untrusted files ----------------------------------------------------------------
-def inside(folder: Path, name: str, *, what: str = "file") -> Path:
+def inside(folder: Path, name: str, *, what: str = "file", hub_cache: bool = False) -> Path:
     """`folder / name`, refused (ModelFolderError) unless it resolves, symlinks included, to a path
     inside `folder`: every path read from an index, a manifest, external data or tokenizer files
-    goes through here before anything is opened or stat'ed."""
+    goes through here before anything is opened or stat'ed.
+
+    With `hub_cache`, a source checkpoint laid out as the Hugging Face hub cache lays it out
+    (`<repo>/snapshots/<rev>/<file>` symlinked to `<repo>/blobs/<hash>`) may also resolve into its
+    own repo's blobs folder, and only there, through a plain file name."""
     root = Path(folder).resolve()
     if not isinstance(name, str) or not name or "\x00" in name or Path(name).is_absolute():
         raise ModelFolderError(f"{folder}: the {what} {name!r} is not a path inside the folder")
     target = (root / name).resolve()
-    if target == root or root not in target.parents:
-        raise ModelFolderError(f"{folder}: the {what} {name!r} points outside the folder")
-    return target
+    if target != root and root in target.parents:
+        return target
+    if hub_cache and root.parent.name == "snapshots" and ".." not in Path(name).parts:
+        if (root.parent.parent / "blobs").resolve() in target.parents:
+            return target
+    raise ModelFolderError(f"{folder}: the {what} {name!r} points outside the folder")
 
 
 # -- writing ------------------------------------------------------------------------------------

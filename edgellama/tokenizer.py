@@ -153,7 +153,7 @@ def _file_in(folder: Path, name: str) -> Path:
     from edgellama.folder import inside
 
     try:
-        return inside(folder, name, what="tokenizer file")
+        return inside(folder, name, what="tokenizer file", hub_cache=True)
     except EdgellamaError as e:
         raise SourceError(str(e)) from None
 

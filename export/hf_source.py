@@ -67,15 +67,9 @@ def shard_path(folder: Path, name: str) -> Path:
     repository's blobs/ folder, so a snapshot's shard may resolve there (the name itself must still
     be a plain path inside the snapshot)."""
     try:
-        return inside(folder, name, what="shard")
+        return inside(folder, name, what="shard", hub_cache=True)
     except ModelFolderError as e:
-        refusal = str(e)
-    root, lexical = folder.resolve(), Path(name)
-    if root.parent.name == "snapshots" and ".." not in lexical.parts and not lexical.is_absolute():
-        target = (root / name).resolve()
-        if (root.parent.parent / "blobs").resolve() in target.parents:
-            return target
-    raise SourceError(refusal)
+        raise SourceError(str(e)) from None
 
 
 def read_config(folder: Path) -> LlamaConfig:

@@ -56,13 +56,40 @@ def _is_four_bit(wm: common.WeightMatMul) -> bool:
     return mod.startswith("model.layers.") and mod.rsplit(".", 1)[-1] not in EIGHT_BIT_PROJECTIONS
 
 
+def _v_width(wm: common.WeightMatMul) -> int | None:
+    """The v columns of a packed q|k|v weight (the static contract's qkv_proj), read from the
+    GroupQueryAttention it feeds (through a bias Add, if any); None when it feeds none."""
+    readers = list(wm.node.outputs[0].uses())
+    if len(readers) == 1 and readers[0].node.op_type == "Add":
+        readers = list(readers[0].node.outputs[0].uses())
+    for use in readers:
+        node = use.node
+        if node.op_type == "GroupQueryAttention" and use.idx == 0:
+            heads, kv_heads = node.attributes["num_heads"].as_int(), node.attributes["kv_num_heads"].as_int()
+            n = wm.weight.shape[0] if wm.transposed else wm.weight.shape[-1]
+            return n // (heads + 2 * kv_heads) * kv_heads
+    return None
+
+
+def _choose(wm: common.WeightMatMul, four: matmul_nbits.Choice,
+            eight: matmul_nbits.Choice) -> matmul_nbits.Choice | matmul_nbits.Columns:
+    """4 bits in the decoder layers but for EIGHT_BIT_PROJECTIONS; a packed q|k|v keeps its v columns
+    at 8 bits too, so the static contract quantizes exactly as the dynamic one does."""
+    mod = common.module_name(wm.node)
+    v = _v_width(wm) if mod.endswith(".qkv_proj") and "v_proj" in EIGHT_BIT_PROJECTIONS else None
+    if v:
+        n = wm.weight.shape[0] if wm.transposed else wm.weight.shape[-1]
+        return matmul_nbits.Columns((("qk", int(n) - v, four), ("v", v, eight)))
+    return four if _is_four_bit(wm) else eight
+
+
 def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:
     """Quantize `model` in place; returns the manifest's record of the pass."""
     level, exclude = settings.accuracy_level, settings.exclude
     smoothed = smooth.apply(model, exclude=exclude, mlp=True) if SMOOTH and level == 4 else {"smoothing": None}
     four = matmul_nbits.Choice(bits=4, symmetric=SYMMETRIC, search=SEARCH, float_zero_points=FLOAT_ZERO_POINTS)
     eight = matmul_nbits.Choice(bits=8, symmetric=True, search=False)
-    stats = matmul_nbits.rewrite(model, choose=lambda wm: four if _is_four_bit(wm) else eight,
+    stats = matmul_nbits.rewrite(model, choose=lambda wm: _choose(wm, four, eight),
                                  block_size=settings.block_size, accuracy_level=level, exclude=exclude)
     return {"pass": "int4", "requires": "onnxruntime (com.microsoft contrib ops)",
             "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": settings.block_size,

@@ -38,6 +38,14 @@ class Choice:
     block_size: int | None = None          # None: the pass's block size
 
 
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """One weight whose column ranges (along N) are quantized by different Choices: the static
+    contract's packed q|k|v MatMul, whose v columns a pass may keep at 8 bits. Each range becomes
+    its own MatMulNBits, concatenated back along the last axis."""
+    parts: tuple[tuple[str, int, Choice], ...]      # (label, width, choice), in column order
+
+
 @dataclasses.dataclass
 class Stats:
     matmuls: dict[str, int] = dataclasses.field(default_factory=dict)   # module -> bits
@@ -75,6 +83,19 @@ class _Rewrite:
                                         name=common.renamed(wm.node, "MatMulNBits"), output=out)
         common.replace(self.graph, [wm.node], [node], [out])
         return names
+
+    def columns(self, wm: common.WeightMatMul, packs: Sequence[blockwise.Packed], labels: Sequence[str]) -> None:
+        """One MatMulNBits per column range of `wm`'s weight, then Concat (last axis) into its output."""
+        module = common.module_name(wm.node)
+        parts = []
+        for label, packed in zip(labels, packs):
+            out = ir.Value(name=self.names(f"{module}/{label}/MatMulNBits_output_0"))
+            node, _ = self.matmul_nbits(wm.node.inputs[0], packed, weight=f"{module}.{label}.weight",
+                                        name=f"{module}/{label}/MatMulNBits", output=out)
+            parts.append(node)
+        out = common.output_like(wm.node.outputs[0])
+        concat = common.op("Concat", [n.outputs[0] for n in parts], [out], name=f"{module}/Concat", axis=-1)
+        common.replace(self.graph, [wm.node], [*parts, concat], [out])
 
     def stacked(self, wms: Sequence[common.WeightMatMul], packs: Sequence[blockwise.Packed]) -> None:
         """MatMulNBits over the stacked weights, then Split (last axis) into the siblings' outputs.
@@ -128,6 +149,11 @@ class _Rewrite:
         return True
 
 
+def _quantize(w: np.ndarray, c: Choice, block_size: int) -> blockwise.Packed:
+    return blockwise.quantize(np.ascontiguousarray(w), bits=c.bits, block_size=c.block_size or block_size,
+                              symmetric=c.symmetric, search=c.search, float_zero_points=c.float_zero_points)
+
+
 def _stack(packs: Sequence[blockwise.Packed]) -> blockwise.Packed:
     """One Packed for weights concatenated along N (every row is quantized on its own)."""
     first = packs[0]
@@ -138,7 +164,7 @@ def _stack(packs: Sequence[blockwise.Packed]) -> blockwise.Packed:
         block_size=first.block_size, k=first.k)
 
 
-def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice], block_size: int,
+def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice | Columns], block_size: int,
             accuracy_level: int, exclude: Sequence[str] = ()) -> Stats:
     """Rewrite `model` in place; `choose` gives each weight MatMul's bits and scale rule."""
     graph = model.graph
@@ -148,8 +174,15 @@ def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice],
     groups: dict[tuple[str, Choice], list[tuple[common.WeightMatMul, blockwise.Packed]]] = {}
     for wm in common.weight_matmuls(graph, exclude=exclude):
         c = choose(wm)
-        packed = blockwise.quantize(common.weight_array(wm), bits=c.bits, block_size=c.block_size or block_size,
-                                    symmetric=c.symmetric, search=c.search, float_zero_points=c.float_zero_points)
+        if isinstance(c, Columns):
+            w, start, packs = common.weight_array(wm), 0, []
+            for label, width, part in c.parts:
+                packs.append(_quantize(w[:, start:start + width], part, block_size))
+                stats.matmuls[f"{common.module_name(wm.node)}[{label}]"] = part.bits
+                start += width
+            edit.columns(wm, packs, [label for label, _, _ in c.parts])
+            continue
+        packed = _quantize(common.weight_array(wm), c, block_size)
         stats.matmuls[common.module_name(wm.node)] = c.bits
         if wm.transposed:
             # A tied lm_head: its bytes are shared with the embedding below, so it stays its own node.

@@ -366,7 +366,7 @@ def genai_config(config: Any, *, inputs: list[str], provider: str = "cpu", share
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0),
-            "type": "llama",
+            "type": getattr(config, "model_type", "llama"),   # genai's decoder-only types: llama, mistral, qwen2, qwen3
             "vocab_size": config.vocab_size,
         },
         "search": {

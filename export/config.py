@@ -2,7 +2,16 @@
 
 `LlamaConfig.from_hf` reads a transformers `config.json` as 4.x writes it (`rope_theta` and
 `rope_scaling`) and as 5.x writes it (`rope_parameters`); `to_hf` writes what transformers'
-`LlamaConfig` reads, so the same weights can be loaded by the reference implementation.
+config class of the family reads, so the same weights can be loaded by the reference implementation.
+
+Families are Llama blocks with switches, not copies of the model: `model_type` names the family
+(llama, mistral, qwen2, qwen3) and three switches carry what differs:
+    attention_bias   bias on the q/k/v projections (Qwen2; o_proj never has one)
+    qk_norm          per-head RMSNorm of q and k before rotary (Qwen3's q_norm / k_norm)
+    sliding_window   each query sees the last `sliding_window` keys, itself included (Mistral; None = off)
+RoPE scaling in these families' released configs: none in their config.json (Qwen2.5 and Qwen3 model
+cards suggest adding `yarn` for long context; Mistral uses rope_theta only). default, linear and
+llama3 are supported; yarn, dynamic and the rest are refused with one line.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ from typing import Any
 from edgellama.errors import ConfigError, SourceError
 
 ROPE_TYPES = ("default", "linear", "llama3")
+# model_type -> the transformers class name of the family (config.json's "architectures")
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Upper bounds far above any released Llama: a config past them is damaged or hostile, and refusing
 # it here keeps a loader from looping over 10^12 layers or sizing a rope table of 10^12 rows.
 MAX_POSITIONS = 1 << 20
@@ -59,6 +71,10 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    model_type: str = "llama"               # a key of FAMILIES
+    attention_bias: bool = False            # q/k/v projection biases (Qwen2)
+    qk_norm: bool = False                   # per-head RMSNorm of q and k before rotary (Qwen3)
+    sliding_window: int | None = None       # keys visible to a query, itself included (Mistral); None = all
 
     def __post_init__(self) -> None:
         # the sizes are checked before head_dim is derived from them (a string would raise TypeError)
@@ -86,8 +102,24 @@ class LlamaConfig:
         # the frequencies are theta ** -(2i/d): a base of 1 or less makes them all 1 or overflow to inf
         if not (_positive_real(self.rope_theta) and self.rope_theta > 1):
             raise ConfigError(f"config: rope_theta must be a number greater than 1, got {_short(self.rope_theta)}")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise ConfigError(f"config: tie_word_embeddings must be true or false, got {_short(self.tie_word_embeddings)}")
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config: {name} must be true or false, got {_short(getattr(self, name))}")
+        if not isinstance(self.model_type, str) or self.model_type not in FAMILIES:
+            raise ConfigError(f"config: unsupported model_type {_short(self.model_type)}; "
+                              f"supported: {', '.join(FAMILIES)}")
+        if self.sliding_window is not None:
+            _check_size("sliding_window", self.sliding_window, limit=MAX_POSITIONS)
+        # each switch is what its family's transformers class does, so `to_hf` can always say it:
+        # Qwen2 always has q/k/v biases (and Llama's attention_bias would add one to o_proj too)
+        if self.attention_bias != (self.model_type == "qwen2"):
+            raise ConfigError(f"config: attention_bias (q/k/v biases) is {self.attention_bias} but "
+                              f"model_type is {self.model_type}; only qwen2 has them")
+        if self.qk_norm != (self.model_type == "qwen3"):
+            raise ConfigError(f"config: qk_norm is {self.qk_norm} but model_type is {self.model_type}; "
+                              "only qwen3 has q_norm/k_norm")
+        if self.sliding_window is not None and self.model_type == "llama":
+            raise ConfigError("config: a sliding window needs model_type mistral, qwen2 or qwen3")
         for name in ("bos_token_id", "pad_token_id"):
             self._check_token(name, getattr(self, name))
         eos = self.eos_token_id
@@ -148,6 +180,8 @@ class LlamaConfig:
         h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         attn = h * self.num_attention_heads * d * 2 + h * self.num_key_value_heads * d * 2
         layer = attn + 3 * h * i + 2 * h
+        layer += (self.num_attention_heads + 2 * self.num_key_value_heads) * d if self.attention_bias else 0
+        layer += 2 * d if self.qk_norm else 0
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + h
 
     # -- transformers' config.json ------------------------------------------------------------
@@ -162,16 +196,22 @@ class LlamaConfig:
         if not isinstance(arch, (str, type(None))) or not isinstance(archs, list) \
                 or not all(isinstance(a, str) for a in archs):
             raise ConfigError("config: model_type must be a string and architectures a list of strings")
-        if arch not in (None, "llama") or (archs and not any(a.startswith("Llama") for a in archs)):
+        family = arch or next((f for f, cls in FAMILIES.items() if cls in archs), "llama")
+        if family not in FAMILIES or (archs and FAMILIES[family] not in archs):
             raise ConfigError(f"config: unsupported architecture {_short(arch or archs)}; "
-                              "edgellama exports Llama models")
-        for key in ("attention_bias", "mlp_bias"):
+                              f"edgellama exports {', '.join(FAMILIES.values())}")
+        for key in ("attention_bias", "mlp_bias", "use_sliding_window"):
             if not isinstance(d.get(key, False), (bool, type(None))):
                 raise ConfigError(f"config: {key} must be true or false, got {_short(d[key])}")
-        if d.get("attention_bias") or d.get("mlp_bias"):
-            raise ConfigError("config: attention_bias / mlp_bias are not supported (Llama has no biases)")
+        if d.get("mlp_bias"):
+            raise ConfigError("config: mlp_bias is not supported (bias on the MLP projections)")
+        # Qwen2 always has q/k/v biases (its config has no switch); elsewhere attention_bias also
+        # puts one on o_proj, which the blocks do not have.
+        if family != "qwen2" and d.get("attention_bias"):
+            raise ConfigError(f"config: attention_bias is not supported for {family} (bias on o_proj)")
         if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"config: unsupported hidden_act {_short(d.get('hidden_act'))}; Llama uses silu")
+            raise ConfigError(f"config: unsupported hidden_act {_short(d.get('hidden_act'))}; these families use silu")
+        window = _sliding_window(d, family)
         rope_theta = d.get("rope_theta")
         rope_scaling = d.get("rope_scaling")
         params = d.get("rope_parameters")
@@ -207,13 +247,17 @@ class LlamaConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
+            model_type=family,
+            attention_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
+            sliding_window=window,
         )
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `LlamaConfig` (4.x and 5.x) reads."""
         d = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [FAMILIES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -234,6 +278,14 @@ class LlamaConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
+        if self.model_type in ("mistral", "qwen2", "qwen3"):
+            d["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            # one window for every layer: transformers windows layers from max_window_layers on
+            d.update(use_sliding_window=self.sliding_window is not None, max_window_layers=0)
+            del d["mlp_bias"]
+            if self.model_type == "qwen2":
+                del d["attention_bias"]
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,6 +298,32 @@ class LlamaConfig:
             raise ConfigError(f"config: not an object ({type(d).__name__})")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def _sliding_window(d: dict[str, Any], family: str) -> int | None:
+    """The one window every layer uses (None: no window), as transformers reads it: Mistral's
+    `sliding_window`; Qwen's only when `use_sliding_window`, on layers from `max_window_layers` on;
+    5.x's `layer_types` where present. A window on some layers only is refused."""
+    window = d.get("sliding_window")
+    if family == "llama" or window is None:
+        return None
+    if family in ("qwen2", "qwen3"):
+        if not d.get("use_sliding_window"):
+            return None
+        first = d.get("max_window_layers", 0)
+        layers = d.get("num_hidden_layers", 32)
+        if isinstance(first, int) and isinstance(layers, int) and first >= layers:
+            return None
+        if first != 0:
+            raise ConfigError(f"config: a sliding window on layers {_short(first)}.. only is not supported "
+                              "(one window for every layer or none)")
+    types = d.get("layer_types")
+    if isinstance(types, list) and len(set(map(str, types))) > 1:
+        raise ConfigError("config: layer_types mixing sliding and full attention is not supported "
+                          "(one window for every layer or none)")
+    if isinstance(types, list) and types and types[0] == "full_attention":
+        return None
+    return window
 
 
 # -- the config against the weights a checkpoint holds -------------------------------------------
@@ -267,6 +345,11 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
             p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
         })
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if config.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
 
 

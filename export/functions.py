@@ -93,11 +93,12 @@ def _fix_int_refs(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
 
 
 def _function(name: str, inputs: list[str], outputs: list[str], body: _Body, attributes: list[str],
-              opset: int, doc: str) -> onnx.FunctionProto:
+              opset: int, doc: str, defaults: dict[str, int] | None = None) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, name, inputs, outputs, _fix_int_refs(body.nodes),
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)],
         attributes=attributes, doc_string=doc,
+        attribute_protos=[helper.make_attribute(k, v) for k, v in (defaults or {}).items()],
     )
 
 
@@ -135,6 +136,7 @@ def group_query_attention(opset: int) -> onnx.FunctionProto:
 
     Query heads are grouped as [B, H_kv, n_rep, S, D] and multiplied against keys [B, H_kv, 1, T, D]
     by broadcasting, which equals `repeat_kv` (repeat_interleave) without materializing copies.
+    `sliding_window` (default 0, none) narrows each query's keys to the last `sliding_window` slots.
     """
     b = _Body("a")
     nq, nkv = b.attr_int("num_heads"), b.attr_int("kv_num_heads")
@@ -156,7 +158,9 @@ def group_query_attention(opset: int) -> onnx.FunctionProto:
     scale = b.op("CastLike", b.op("Constant", value_float=_Ref("scale", AttributeProto.FLOAT)), scores)
     scores = b.op("Cast", b.op("Mul", scores, scale), to=TensorProto.FLOAT)    # softmax in fp32
     # The same mask as the lowered attention kernels get: [B, 1, S, T], one more axis for the groups.
-    allowed = b.op("Unsqueeze", allowed_keys(b.emit, "query", "attention_mask"), b.ints(2))  # [B,1,1,S,T]
+    window = b.op("Constant", value_int=_Ref("sliding_window", AttributeProto.INT))
+    allowed = b.op("Unsqueeze", allowed_keys(b.emit, "query", "attention_mask", window=window),
+                   b.ints(2))                                                      # [B,1,1,S,T]
     masked_value = b.op("Constant", value=helper.make_tensor("min", TensorProto.FLOAT, [], [_FLOAT32_MIN]))
     probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
     out = b.op("MatMul", b.op("CastLike", probs, "query"), v5)                 # [B, Nkv, n_rep, S, D]
@@ -165,7 +169,8 @@ def group_query_attention(opset: int) -> onnx.FunctionProto:
     return _function("GroupQueryAttention",
                      ["query", "key", "value", "past_key", "past_value", "attention_mask"],
                      ["output", "present_key", "present_value"], b,
-                     ["num_heads", "kv_num_heads", "scale"], opset, group_query_attention.__doc__)
+                     ["num_heads", "kv_num_heads", "scale"], opset, group_query_attention.__doc__,
+                     defaults={"sliding_window": 0})
 
 
 def function_protos(opset: int) -> list[onnx.FunctionProto]:

@@ -1,8 +1,12 @@
-"""A llama-architecture GGUF file as a LlamaConfig, HF-named fp32 weights and a Tokenizer.
+"""A llama-, qwen2- or qwen3-architecture GGUF file as a LlamaConfig, HF-named fp32 weights and a Tokenizer.
 
 Reference: transformers' GGUF loader (`modeling_gguf_pytorch_utils.py`, `integrations/gguf/`), which
-reads the same file into `LlamaForCausalLM`: every tensor dequantized to fp32, llama.cpp's Q/K row
-permutation undone, the tokenizer rebuilt from `tokenizer.ggml.*` metadata.
+reads the same file into `LlamaForCausalLM` (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`, and
+`MistralForCausalLM` for a llama-tagged file whose general.name says mistral): every tensor
+dequantized to fp32, llama.cpp's Q/K row permutation undone (llama only: convert_hf_to_gguf permutes
+no Qwen weights, their rotary is NEOX-style), the tokenizer rebuilt from `tokenizer.ggml.*` metadata.
+Metadata keys are prefixed by the architecture (`qwen2.block_count`). llama.cpp's converter writes
+no sliding window for Mistral; `llama.attention.sliding_window`, where a file has one, is read.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import numpy as np
 from edgellama.errors import ConfigError, SourceError
 from edgellama.export.config import LlamaConfig, check_shapes
 
-_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
@@ -56,9 +62,9 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
         if key in meta and not isinstance(meta[key], kind):
             raise SourceError(f"{path}: malformed metadata: {key} is not a {kind.__name__}")
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise SourceError(f"{path}: GGUF architecture is {str(arch)[:40]!r}; "
-                          "edgellama loads the llama architecture only")
+                          "edgellama loads the llama architecture (Mistral included), qwen2 and qwen3")
     return reader, meta
 
 
@@ -131,8 +137,10 @@ def _float(meta: dict[str, Any], key: str, default: float | None = None) -> floa
 
 
 def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> LlamaConfig:
-    """transformers' `GGUF_CONFIG_MAPPING["llama"]`, plus llama3 rope scaling recovered from rope_freqs;
+    """transformers' `GGUF_CONFIG_MAPPING[arch]`, plus llama3 rope scaling recovered from rope_freqs;
     every field type-checked here, its bounds in `LlamaConfig.validate`."""
+    arch = meta["general.architecture"]
+    meta = {(("llama." + k[len(arch) + 1:]) if k.startswith(arch + ".") else k): v for k, v in meta.items()}
     for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
         if isinstance(meta.get(f"llama.{key}"), list):
             raise ConfigError("per-layer head counts or feed-forward sizes are not a llama shape edgellama exports")
@@ -164,7 +172,11 @@ def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> Llama
     stops = [_int(meta, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     stops = list(dict.fromkeys(i for i in stops if i is not None))
     eos = stops[0] if len(stops) == 1 else (stops or None)
+    name = meta.get("general.name")
+    family = "mistral" if arch == "llama" and isinstance(name, str) and "mistral" in name.lower() else arch
     return LlamaConfig(
+        model_type=family, attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+        sliding_window=_int(meta, "llama.attention.sliding_window") if family == "mistral" else None,
         vocab_size=vocab, hidden_size=hidden, intermediate_size=_int(meta, "llama.feed_forward_length", 0),
         num_hidden_layers=_int(meta, "llama.block_count", 0), num_attention_heads=heads,
         num_key_value_heads=_int(meta, "llama.attention.head_count_kv") or heads, head_dim=head_dim,
@@ -222,7 +234,7 @@ def hf_weight_name(gguf_name: str) -> str | None:
     `model.layers.3.self_attn.q_proj.weight`); None for a tensor that is no weight of the model."""
     m = _LAYER.match(gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return _TOP_NAMES.get(gguf_name)
 
 
@@ -240,13 +252,16 @@ def _weights(tensors: dict[str, Any], config: LlamaConfig, path: Path) -> dict[s
         else:
             names[hf] = name
     if unknown:
-        raise SourceError(f"{path}: tensors a llama model does not have: "
+        raise SourceError(f"{path}: tensors a {config.model_type} model does not have: "
                           f"{', '.join(n[:80] for n in sorted(unknown)[:5])}")
     shapes = {hf: tuple(int(n) for n in reversed(tensors[name].shape)) for hf, name in names.items()}
     out: dict[str, np.ndarray] = {}
+    permuted = config.model_type in ("llama", "mistral")   # the converter permutes llama's q/k rows only
     for hf in check_shapes(config, shapes, where=str(path)):
         w = _array(tensors[names[hf]]).reshape(shapes[hf])
-        if hf.endswith("q_proj.weight"):
+        if not permuted:
+            pass
+        elif hf.endswith("q_proj.weight"):
             w = unpermute_rows(w, config.num_attention_heads)
         elif hf.endswith("k_proj.weight"):
             w = unpermute_rows(w, config.num_key_value_heads)

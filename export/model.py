@@ -1,5 +1,9 @@
 """The Llama blocks in PyTorch, named as transformers' `LlamaForCausalLM` names its weights.
 
+The other families are the same blocks under the config's switches (`config.py`): q/k/v biases
+(Qwen2), per-head q_norm/k_norm before rotary (Qwen3), a sliding window in attention (Mistral),
+named as `Qwen2ForCausalLM`, `Qwen3ForCausalLM` and `MistralForCausalLM` name theirs.
+
 One small class per block; each block's math is a reference function in `ops.py` behind a custom
 op, so that `torch.onnx.export` emits one RMSNorm, RoPE and GQA node per call. Positions and the
 KV cache are tensors (graph inputs after export), never Python ints.
@@ -61,20 +65,32 @@ class Attention(nn.Module):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.scale = config.num_attention_heads, config.num_key_value_heads, d ** -0.5
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.window = config.sliding_window or 0          # 0: no window
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def rotated_qkv(self, x, position_ids, cos, sin):
+        """q [B, S, H*D] and k [B, S, H_kv*D] rotated to their positions, v [B, S, H_kv*D]
+        (parity's localization probes recompute attention from these)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "q_norm"):
+            # Qwen3: each head normalized over its own D before rotary, as [B, S, H, D]
+            q = self.q_norm(q.unflatten(-1, (self.n_heads, -1))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (self.n_kv_heads, -1))).flatten(-2)
+        return (ops.rotary(q, position_ids, cos, sin, self.n_heads),
+                ops.rotary(k, position_ids, cos, sin, self.n_kv_heads), v)
 
     def forward(self, x, position_ids, cos, sin, past_k, past_v, attention_mask):
-        # project to packed heads: q [B, S, H*D], k and v [B, S, H_kv*D]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        # rotate queries and keys by their absolute positions
-        q = ops.rotary(q, position_ids, cos, sin, self.n_heads)
-        k = ops.rotary(k, position_ids, cos, sin, self.n_kv_heads)
+        q, k, v = self.rotated_qkv(x, position_ids, cos, sin)
         # attend over past + current keys; present caches: [B, H_kv, T, D]
         out, present_k, present_v = ops.gqa(q, k, v, past_k, past_v, attention_mask,
-                                            self.n_heads, self.n_kv_heads, self.scale)
+                                            self.n_heads, self.n_kv_heads, self.scale, self.window)
         return self.o_proj(out), present_k, present_v
 
 

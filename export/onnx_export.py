@@ -43,9 +43,12 @@ def _translations() -> dict[Any, Any]:
     def rotary(x, position_ids, cos_cache, sin_cache, num_heads: int):
         return ell.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, num_heads=num_heads)
 
-    def gqa(q, k, v, past_k, past_v, attention_mask, num_heads: int, kv_num_heads: int, scale: float):
+    def gqa(q, k, v, past_k, past_v, attention_mask, num_heads: int, kv_num_heads: int, scale: float,
+            window: int = 0):
+        # the window attribute only where there is one: a Llama graph is unchanged
+        extra = {"sliding_window": window} if window > 0 else {}
         return ell.GroupQueryAttention(q, k, v, past_k, past_v, attention_mask,
-                                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale)
+                                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, **extra)
 
     ops = torch.ops.edgellama
     return {ops.rms_norm.default: rms_norm, ops.rotary.default: rotary, ops.gqa.default: gqa}
@@ -270,6 +273,7 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     from edgellama.export.lower.targets import KV_CACHES, default_kv_cache
 
+    asked = kv_cache
     kv_cache = kv_cache or default_kv_cache(target, dtype=dtype, provider=provider)
     if kv_cache not in KV_CACHES:
         raise ExportError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
@@ -285,6 +289,14 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
 
     with progress.step("load source"):
         model, tokenizer, info = load_model(source)
+    from edgellama.export.lower.targets import static_refusal
+
+    # A family the static graph cannot carry: the default falls back to the dynamic contract; an
+    # explicit --kv-cache static is refused.
+    if kv_cache == "static" and (reason := static_refusal(model.config)) is not None:
+        if asked == "static":
+            raise ExportError(f"--kv-cache static refused: {reason} (--kv-cache dynamic works)")
+        kv_cache = "dynamic"
     with progress.step("export to ONNX (portable)"):
         ir_model = export_onnx(model, dtype=dtype, opset=opset)
     if target != "portable":

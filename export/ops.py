@@ -54,26 +54,32 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def attention_bias(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype, window: int = 0) -> torch.Tensor:
     """Causal + padding mask as an additive bias [B, 1, S, T], transformers' finite `min` for masked.
 
-    Query i sits at absolute slot T - S + i; it sees key j when j <= that slot and mask[b, j] == 1.
+    Query i sits at absolute slot T - S + i; it sees key j when j <= that slot and mask[b, j] == 1,
+    and with a sliding window > 0 only when j > slot - window (transformers' sliding_window_overlay,
+    on cache slots, so padding counts inside the window as it does there).
     A finite minimum (not -inf) keeps fully masked padding rows finite, so no NaN reaches the cache.
     """
     t = attention_mask.shape[-1]
     q_slot = torch.arange(t - q_len, t, device=attention_mask.device)[:, None]   # [S, 1]
     k_slot = torch.arange(t, device=attention_mask.device)[None, :]              # [1, T]
-    allowed = (k_slot <= q_slot)[None, None] & attention_mask[:, None, None, :].bool()
+    causal = k_slot <= q_slot
+    if window > 0:
+        causal = causal & (k_slot > q_slot - window)
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def gqa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
             past_v: torch.Tensor, attention_mask: torch.Tensor, num_heads: int,
-            kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            kv_num_heads: int, scale: float, window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """transformers' `eager_attention_forward` with `repeat_kv`, over past + current keys.
 
     Returns the attention output [B, S, H*D] and the present cache [B, H_kv, T, D] (past ++ current).
+    `window` > 0 is a sliding window (see `attention_bias`); the cache keeps every key regardless.
     """
     b, s, hd = q.shape
     d = hd // num_heads
@@ -85,7 +91,7 @@ def gqa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Ten
     kk = repeat_kv(present_k, num_heads // kv_num_heads)                       # [B, H, T, D]
     vv = repeat_kv(present_v, num_heads // kv_num_heads)
     scores = torch.matmul(q, kk.transpose(2, 3)) * scale                       # [B, H, S, T]
-    scores = scores + attention_bias(attention_mask, s, scores.dtype)
+    scores = scores + attention_bias(attention_mask, s, scores.dtype, window)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     out = torch.matmul(probs, vv)                                              # [B, H, S, D]
     return out.transpose(1, 2).reshape(b, s, hd), present_k, present_v
@@ -116,12 +122,12 @@ def _(x, position_ids, cos_cache, sin_cache, num_heads):
 @torch.library.custom_op("edgellama::gqa", mutates_args=())
 def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
         attention_mask: torch.Tensor, num_heads: int, kv_num_heads: int,
-        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gqa_ref(q, k, v, past_k, past_v, attention_mask, num_heads, kv_num_heads, scale)
+        scale: float, window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gqa_ref(q, k, v, past_k, past_v, attention_mask, num_heads, kv_num_heads, scale, window)
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, attention_mask, num_heads, kv_num_heads, scale):
+def _(q, k, v, past_k, past_v, attention_mask, num_heads, kv_num_heads, scale, window=0):
     b, s, _ = q.shape
     d = past_k.shape[-1]
     t = past_k.shape[2] + s

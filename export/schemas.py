@@ -19,14 +19,15 @@ _INT64 = ("I", ["tensor(int64)"], "positions and masks")
 
 
 def _schema(name: str, inputs: list[tuple[str, str]], outputs: list[str], attributes: dict[str, OpSchema.AttrType],
-            doc: str) -> OpSchema:
+            doc: str, optional: dict[str, OpSchema.AttrType] | None = None) -> OpSchema:
     fp = OpSchema.FormalParameter
     return OpSchema(
         name, DOMAIN, VERSION, doc=doc,
         inputs=[fp(n, t) for n, t in inputs],
         outputs=[fp(n, "T") for n in outputs],
         type_constraints=[_FLOAT, _INT64] if any(t == "I" for _, t in inputs) else [_FLOAT],
-        attributes=[OpSchema.Attribute(a, kind, a) for a, kind in attributes.items()],
+        attributes=[OpSchema.Attribute(a, kind, a) for a, kind in attributes.items()]
+        + [OpSchema.Attribute(a, kind, a, required=False) for a, kind in (optional or {}).items()],
     )
 
 
@@ -42,7 +43,9 @@ SCHEMAS = [
             ["output", "present_key", "present_value"],
             {"num_heads": OpSchema.AttrType.INT, "kv_num_heads": OpSchema.AttrType.INT,
              "scale": OpSchema.AttrType.FLOAT},
-            "Causal grouped-query attention over past ++ current keys with a [B,T] padding mask."),
+            "Causal grouped-query attention over past ++ current keys with a [B,T] padding mask; "
+            "sliding_window w > 0: query slot i sees keys j > i - w only (0, the default: all).",
+            optional={"sliding_window": OpSchema.AttrType.INT}),
 ]
 
 

@@ -136,13 +136,15 @@ def build_llama(config: LlamaConfig, weights: dict[str, Any]) -> Any:
 def random_weights(config: LlamaConfig, *, seed: int) -> dict[str, Any]:
     """Deterministic random weights for `config` at torch's default scales, so logits are peaked and
     input-dependent (at transformers' 0.02 init a tiny model's logits are nearly flat, full of near-ties):
-    embeddings N(0, 1), matrices N(0, 1/fan_in), norms 1 + N(0, 0.1)."""
+    embeddings N(0, 1), matrices N(0, 1/fan_in), norms 1 + N(0, 0.1), biases N(0, 0.1)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in expected_shapes(config).items():
-        if len(shape) == 1:
+        if name.endswith(".bias"):
+            out[name] = 0.1 * torch.randn(shape, generator=gen)
+        elif len(shape) == 1:
             out[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif name == "model.embed_tokens.weight":
             out[name] = torch.randn(shape, generator=gen)

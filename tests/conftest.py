@@ -112,6 +112,17 @@ class OrtLoop:
 
 
 
+def ort_greedy(loop, ids, mask, n: int) -> np.ndarray:
+    """`n` greedy tokens [B, n] from an OrtLoop, no early stop (ids, mask: torch tensors)."""
+    past, cur, m, out = loop.empty(ids.shape[0]), ids.numpy(), mask.numpy(), []
+    for _ in range(n):
+        logits, past = loop.step(cur, m, past)
+        cur = logits[:, -1].argmax(-1)[:, None]
+        out.append(cur)
+        m = np.concatenate((m, np.ones_like(cur)), axis=1)
+    return np.concatenate(out, axis=1)
+
+
 # -- comparisons -------------------------------------------------------------------------------
 def teacher_forced(model, loop, ids, mask, steps: int) -> float:
     """Torch blocks and an OrtLoop consume the same tokens (torch's greedy choices) for a prefill and
@@ -132,6 +143,63 @@ def teacher_forced(model, loop, ids, mask, steps: int) -> float:
             cur = tl[:, -1].argmax(-1, keepdim=True)
             m = torch.cat((m, torch.ones_like(cur)), dim=1)
     return worst
+
+
+# -- transformers' own classes as the reference --------------------------------------------------
+def hf_reference(model):
+    """transformers' class of the model's family (LlamaForCausalLM, Qwen2ForCausalLM, ...) with our
+    weights, loaded strictly, eager attention, fp32."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    cfg = transformers.AutoConfig.for_model(**model.config.to_hf())
+    cfg._attn_implementation = "eager"
+    with no_init_weights():              # every weight is overwritten just below: skip the random init
+        hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k]
+    return hf.float()
+
+
+def teacher_forced_vs_transformers(ours, hf, ids, mask, steps: int) -> tuple[float, bool]:
+    """Max abs logits difference over prefill (real positions) and `steps` decode steps, both sides
+    fed the same tokens (our greedy choices) through their own KV caches; and whether transformers'
+    greedy choice equalled ours at every step (then its greedy run gives our tokens)."""
+    import torch
+    import transformers
+
+    from edgellama.export.model import positions_from_mask
+
+    past = ours.empty_cache(ids.shape[0])
+    cache = transformers.DynamicCache(config=hf.config)
+    worst, same, cur = 0.0, True, ids
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            pos = positions_from_mask(mask, cur.shape[1])
+            a, past = ours(cur, mask, pos, past)
+            b = hf(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            real = mask[:, -cur.shape[1]:].bool()           # padding rows' logits mean nothing on either side
+            worst = max(worst, (a - b).abs()[real].max().item())
+            cur = a[:, -1].argmax(-1, keepdim=True)
+            same &= torch.equal(cur, b[:, -1].argmax(-1, keepdim=True))
+            mask = torch.cat((mask, torch.ones_like(cur)), dim=1)
+    return worst, same
+
+
+def diff_vs_transformers(ours, hf, ids, mask, steps: int) -> float:
+    return teacher_forced_vs_transformers(ours, hf, ids, mask, steps)[0]
+
+
+def hf_greedy(hf, ids, mask, n: int):
+    """transformers' own generate loop, greedy, no early stop."""
+    import torch
+
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                          num_beams=1, top_k=None, top_p=None, temperature=None)
+    return out[:, ids.shape[1]:]
 
 
 # -- a hand-built toy folder ---------------------------------------------------------------------

@@ -59,7 +59,9 @@ class Attention(Rule):
 
     def rewrite(self, node: ir.Node, ctx: Context) -> None:
         q, k, v, past_k, past_v, mask = node.inputs
-        bias = attention_bias(node, ctx, query=q, mask=mask, prefix="onnx23/")
+        # Attention-23 has no window attribute: a sliding window goes into the explicit mask
+        bias = attention_bias(node, ctx, query=q, mask=mask, prefix="onnx23/",
+                              window=int_attr(node, "sliding_window") or 0)
         attrs = {"q_num_heads": int_attr(node, "num_heads"), "kv_num_heads": int_attr(node, "kv_num_heads"),
                  "scale": float_attr(node, "scale"), "is_causal": 0,
                  "softmax_precision": int(ir.DataType.FLOAT)}   # softmax in fp32, as the reference

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgellama.export.lower.attention_bias import attention_bias
-from edgellama.export.lower.engine import Context, Rule, inputs_refusal
+from edgellama.export.lower.engine import Context, Rule, int_attr, inputs_refusal
 from edgellama.export.lower.ort_kernels import MS_DOMAIN, kernel_refusal
 
 
@@ -89,6 +89,9 @@ class MsGroupQueryAttention(Rule):
         seqlens_k, total = _lengths(node, ctx)
         bias = attention_bias(node, ctx, query=q, mask=mask, prefix="ort/")
         attrs = {name: node.attributes[name].value for name in ("num_heads", "kv_num_heads", "scale")}
+        if (window := int_attr(node, "sliding_window") or 0) > 0:
+            # the kernel's window counts back from each query's own slot, itself included, as ours
+            attrs["local_window_size"] = window
         # Inputs 7-9 (cos_cache, sin_cache, position_ids) stay empty: rotary is its own node.
         ctx.replace(node, ir.node("GroupQueryAttention",
                                   [q, k, v, past_k, past_v, seqlens_k, total, None, None, None, bias],

@@ -183,7 +183,8 @@ def _packed(graph: ir.Graph, gqa: ir.Node, ctx: Context, seqlens_k: ir.Value) ->
     packed = ir.Value(name=f"{layer}.qkv_proj.weight", const_value=ir.tensor(np.concatenate(weights, axis=1)))
     graph.register_initializer(packed)
     matmul = ir.node("MatMul", [mq.inputs[0], packed], name=f"{layer}.qkv_proj/MatMul")
-    attrs = {a: gqa.attributes[a].value for a in ("num_heads", "kv_num_heads", "scale")}
+    attrs = {a: gqa.attributes[a].value for a in ("num_heads", "kv_num_heads", "scale", "local_window_size")
+             if a in gqa.attributes}   # a sliding window (Mistral) counts back from each row's own slot
     new = ir.node("GroupQueryAttention",
                   [matmul.outputs[0], None, None, past_k, past_v, seqlens_k, total, rq.inputs[2], rq.inputs[3]],
                   {**attrs, "do_rotary": 1, "rotary_interleaved": 0}, domain=MS_DOMAIN, num_outputs=3,

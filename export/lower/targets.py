@@ -101,9 +101,21 @@ def lower_with_report(ir_model: ir.Model, *, target: str, provider: str = "cpu",
     return ir_model, report
 
 
+def static_refusal(config) -> str | None:
+    """Why a model family's graph cannot take the static KV cache (None when it can): the pass packs
+    the plain q/k/v MatMuls into one and moves rotary into GroupQueryAttention, which leaves no
+    place for q/k/v biases (qwen2) or a per-head norm between projection and rotary (qwen3)."""
+    if getattr(config, "attention_bias", False):
+        return f"{config.model_type}'s q/k/v biases do not fit the static graph's packed QKV MatMul"
+    if getattr(config, "qk_norm", False):
+        return f"{config.model_type}'s q_norm/k_norm sit between projection and rotary, which the static graph fuses"
+    return None
+
+
 def default_kv_cache(target: str, *, dtype: str, provider: str) -> str:
     """The contract an export gets when none is asked for: static where ONNX Runtime has the
-    GroupQueryAttention kernel that writes the shared buffer (ort, not fp32 on CUDA), else dynamic."""
+    GroupQueryAttention kernel that writes the shared buffer (ort, not fp32 on CUDA), else dynamic
+    (export_model also falls back to dynamic for a family `static_refusal` names)."""
     if target != "ort":
         return "dynamic"
     dtypes = KERNEL_DTYPES["GroupQueryAttention"].get(provider, ())

@@ -41,7 +41,7 @@ def test_legacy_type_key_and_round_trip():
     ({"num_key_value_heads": 3}, "does not divide"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "needs low_freq_factor"),
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "unsupported architecture"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"hidden_size": 0}, "hidden_size must be a positive integer"),
     ({"attention_bias": True}, "attention_bias"),

@@ -12,7 +12,7 @@ import torch
 
 from edgellama.export import onnx_export
 from edgellama.export.model import greedy_generate, positions_from_mask
-from tests.conftest import OrtLoop, left_padded_batch, ort_session, random_llama, teacher_forced
+from tests.conftest import OrtLoop, left_padded_batch, ort_greedy, ort_session, random_llama, teacher_forced
 
 TOL = 1e-4
 TARGETS = ["portable", "ort", "onnx23"]
@@ -29,16 +29,6 @@ VARIANTS = {
 def export_session(model, target: str, tmp_path):
     """A bare onnxruntime session on `model` exported for `target`."""
     return ort_session(onnx_export.lower(onnx_export.export_onnx(model), target=target), tmp_path / target)
-
-
-def ort_greedy(loop, ids, mask, n):
-    past, cur, m, out = loop.empty(ids.shape[0]), ids.numpy(), mask.numpy(), []
-    for _ in range(n):
-        logits, past = loop.step(cur, m, past)
-        cur = logits[:, -1].argmax(-1)[:, None]
-        out.append(cur)
-        m = np.concatenate((m, np.ones_like(cur)), axis=1)
-    return np.concatenate(out, axis=1)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -11,8 +11,10 @@ transformers = pytest.importorskip("transformers")   # a dev extra
 
 from edgellama.export import config as presets  # noqa: E402
 from edgellama.export import sources  # noqa: E402
-from edgellama.export.model import Llama, greedy_generate, positions_from_mask  # noqa: E402
-from tests.conftest import left_padded_batch, seeded_llama  # noqa: E402
+from edgellama.export.model import greedy_generate, positions_from_mask  # noqa: E402
+from tests.conftest import (diff_vs_transformers, hf_greedy, left_padded_batch, seeded_llama,  # noqa: E402
+                            teacher_forced_vs_transformers)
+from tests.conftest import hf_reference as reference  # noqa: E402
 
 TOL = 1e-4
 DECODE_STEPS = 16
@@ -28,54 +30,6 @@ VARIANTS = {
     "gqa-6q-2kv-hd32": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32},
     "tied": {"tie_word_embeddings": True},
 }
-
-
-def reference(model: Llama) -> "transformers.LlamaForCausalLM":
-    """transformers' model with our weights, loaded strictly."""
-    cfg = transformers.LlamaConfig(**model.config.to_hf())
-    cfg._attn_implementation = "eager"
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():              # every weight is overwritten just below: skip the random init
-        hf = transformers.LlamaForCausalLM(cfg).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and not [k for k in missing if "rotary" not in k]
-    return hf.float()
-
-
-@torch.no_grad()
-def teacher_forced_vs_transformers(ours: Llama, hf, ids: torch.Tensor, mask: torch.Tensor,
-                                   steps: int) -> tuple[float, bool]:
-    """Max abs logits difference over prefill (real positions) and `steps` decode steps, both sides
-    fed the same tokens (our greedy choices) through their own KV caches; and whether transformers'
-    greedy choice equalled ours at every step (then its greedy run gives our tokens)."""
-    past = ours.empty_cache(ids.shape[0])
-    cache = transformers.DynamicCache()
-    worst, same, cur = 0.0, True, ids
-    for step in range(steps + 1):
-        pos = positions_from_mask(mask, cur.shape[1])
-        a, past = ours(cur, mask, pos, past)
-        b = hf(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
-        real = mask[:, -cur.shape[1]:].bool()           # padding rows' logits mean nothing on either side
-        worst = max(worst, (a - b).abs()[real].max().item())
-        cur = a[:, -1].argmax(-1, keepdim=True)
-        same &= torch.equal(cur, b[:, -1].argmax(-1, keepdim=True))
-        mask = torch.cat((mask, torch.ones_like(cur)), dim=1)
-    return worst, same
-
-
-def diff_vs_transformers(ours: Llama, hf, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
-    return teacher_forced_vs_transformers(ours, hf, ids, mask, steps)[0]
-
-
-@torch.no_grad()
-def hf_greedy(hf, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
-    """transformers' own generate loop, greedy, no early stop."""
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                      num_beams=1, top_k=None, top_p=None, temperature=None)
-    return out[:, ids.shape[1]:]
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -244,7 +244,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def gguf_value_type(value):
@@ -265,13 +266,20 @@ def gguf_value_type(value):
     return scalar(value), None
 
 
-def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges=("Ġ t",), eot=None, meta=None):
+def write_gguf(path, model, *, arch=None, qtype=None, rope_freqs=None, merges=("Ġ t",), eot=None, meta=None):
     """A GGUF file as llama.cpp's converter writes one, from our model (byte-level tokenizer from tiny's);
-    `meta` replaces metadata values ({key: value}, None drops the key)."""
+    `meta` replaces metadata values ({key: value}, None drops the key). The architecture is the
+    family's (qwen2, qwen3; llama for Llama and Mistral, which llama.cpp tags llama and names Mistral)."""
     import gguf
 
     c = model.config
+    arch = arch or {"qwen2": "qwen2", "qwen3": "qwen3"}.get(c.model_type, "llama")
     w = gguf.GGUFWriter(str(path), arch)
+    if c.model_type == "mistral":
+        w.add_name("Mistral Tiny")
+    if c.model_type != "llama":
+        w.add_key_length(c.head_dim)       # the converter's head_dim from config.json
+        w.add_value_length(c.head_dim)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -307,11 +315,13 @@ def write_gguf(path, model, *, arch="llama", qtype=None, rope_freqs=None, merges
         if name.startswith("model.layers."):
             _, _, n, *rest = name.split(".")
             key = ".".join(rest[:-1])
-            if key == "self_attn.q_proj":
+            if arch != "llama" or rest[-1] != "weight":
+                pass                                         # the converter permutes llama's q/k weights only
+            elif key == "self_attn.q_proj":
                 arr = llama_cpp_permute(arr, c.num_attention_heads)
             elif key == "self_attn.k_proj":
                 arr = llama_cpp_permute(arr, c.num_key_value_heads)
-            gname = f"blk.{n}.{GGUF_NAMES[key]}.weight"
+            gname = f"blk.{n}.{GGUF_NAMES[key]}.{rest[-1]}"
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]

@@ -44,4 +44,6 @@ def test_bias_equals_the_reference_with_padding_and_a_past(dtype):
 def test_function_body_builds_the_same_mask():
     body = functions.group_query_attention(23)
     kinds = [n.op_type for n in body.node]
-    assert kinds.count("LessOrEqual") == 1 and kinds.count("And") == 1 and kinds.count("Range") == 2
+    # causal AND padding once, plus the sliding window's steps (an attribute: 0 = off, tested in the body)
+    assert kinds.count("LessOrEqual") == 2 and kinds.count("And") == 2 and kinds.count("Range") == 2
+    assert kinds.count("Greater") == 1 and kinds.count("Or") == 1

@@ -275,14 +275,31 @@ def test_genai_greedy_equals_generator(name, ort_folders):
     assert theirs == ours[:len(theirs)] and len(theirs) > 0
 
 
+@pytest.mark.parametrize("mode", ["int4", "int8", "int8-dynamic", "fp16"])
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral-window5"])
-def test_int4_quantize_and_generate(name, ort_folders, tmp_path):
+def test_quantize_and_generate(name, mode, ort_folders, tmp_path):
     from edgellama.quant.api import quantize_folder
     from edgellama.runtime.generator import Generator
 
-    q = quantize_folder(ort_folders[name], tmp_path / "int4", mode="int4")
+    q = quantize_folder(ort_folders[name], tmp_path / mode, mode=mode)
     res = Generator(q).generate_ids([[5, 9, 33, 70], [12, 8]], max_new_tokens=8, stop=False)
     assert [len(r.token_ids) for r in res] == [8, 8]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral-window5"])
+def test_parity_command_passes_against_torch(name, ort_folders, tmp_path):
+    """`edgellama parity --reference torch` rebuilds the family's torch model from the manifest's
+    source and passes (the localization probes recompute attention through the same switches)."""
+    import json
+
+    from edgellama.cli.main import main
+
+    report = tmp_path / "report.json"
+    rc = main(["parity", str(ort_folders[name]), "--reference", "torch", "--decode-steps", "4", "--quiet",
+               "--json", str(report)])
+    result = json.loads(report.read_text())
+    assert rc == 0, result
+    assert result["comparisons"][0]["status"] == "pass"
 
 
 # -- GGUF as llama.cpp's converter writes each family --------------------------------------------------------

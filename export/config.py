@@ -10,8 +10,9 @@ Families are Llama blocks with switches, not copies of the model: `model_type` n
     qk_norm          per-head RMSNorm of q and k before rotary (Qwen3's q_norm / k_norm)
     sliding_window   each query sees the last `sliding_window` keys, itself included (Mistral; None = off)
 RoPE scaling in these families' released configs: none in their config.json (Qwen2.5 and Qwen3 model
-cards suggest adding `yarn` for long context; Mistral uses rope_theta only). default, linear and
-llama3 are supported; yarn, dynamic and the rest are refused with one line.
+cards suggest adding `yarn` for long context; Mistral uses rope_theta only). default, linear, llama3
+and yarn are supported; dynamic (its frequencies depend on the sequence length, which a fixed
+cos/sin table cannot follow), longrope and the rest are refused with one line.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from edgellama.errors import ConfigError, SourceError
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # model_type -> the transformers class name of the family (config.json's "architectures")
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -140,7 +141,8 @@ class LlamaConfig:
         if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
             raise ConfigError(f"config: unsupported rope type {_short(rope_type)}; supported: {', '.join(ROPE_TYPES)}")
         needed = {"linear": ("factor",),
-                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                  "yarn": ("factor", "original_max_position_embeddings")}
         scaling = self.rope_scaling or {}
         missing = [k for k in needed.get(rope_type, ()) if k not in scaling]
         if missing:
@@ -158,6 +160,14 @@ class LlamaConfig:
                                   f"than low_freq_factor ({_short(scaling['low_freq_factor'])})")
             _check_size("original_max_position_embeddings", scaling["original_max_position_embeddings"],
                         limit=MAX_POSITIONS)
+        if rope_type == "yarn":
+            _check_size("original_max_position_embeddings", scaling["original_max_position_embeddings"],
+                        limit=MAX_POSITIONS)
+            for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                if scaling.get(key) is not None and not _positive_real(scaling[key]):
+                    raise ConfigError(f"config: rope {key} must be a positive number, got {_short(scaling[key])}")
+            if not isinstance(scaling.get("truncate", True), bool):
+                raise ConfigError(f"config: rope truncate must be true or false, got {_short(scaling['truncate'])}")
 
     @property
     def rope_type(self) -> str:

@@ -23,8 +23,43 @@ from edgellama.export.config import LlamaConfig
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def yarn_attention_factor(config: LlamaConfig) -> float:
+    """transformers' yarn `attention_factor` (the cos/sin scale); 1 for every other rope type."""
+    scaling = config.rope_scaling or {}
+    if config.rope_type != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    """transformers' `_compute_yarn_parameters`: interpolated (1/factor) low frequencies, extrapolated
+    high ones, a linear ramp between the correction dims of beta_fast and beta_slow rotations."""
+    scaling, d, base = config.rope_scaling, config.head_dim, config.rope_theta
+    old_ctx = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high          # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return inv_freq / scaling["factor"] * (1 - extrapolation) + inv_freq * extrapolation
+
+
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
-    """transformers' `ROPE_INIT_FUNCTIONS[rope_type]` for default, linear and llama3 (attention factor 1)."""
+    """transformers' `ROPE_INIT_FUNCTIONS[rope_type]` for default, linear, llama3 and yarn (whose
+    attention factor `rope_cache` applies)."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     scaling = config.rope_scaling or {}
@@ -40,14 +75,20 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_ctx / high) * ~(wavelen > old_ctx / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif config.rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, config)
     return inv_freq
 
 
 def rope_cache(config: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [max_positions, head_dim/2], fp32, one row per absolute position."""
+    """cos and sin tables [max_positions, head_dim/2], fp32, one row per absolute position (scaled by
+    yarn's attention factor, as transformers scales its cos and sin)."""
     pos = torch.arange(config.max_position_embeddings, dtype=torch.int64).float()
     freqs = torch.outer(pos, rope_inv_freq(config))            # the product LlamaRotaryEmbedding forms
-    return freqs.cos(), freqs.sin()
+    scale = yarn_attention_factor(config)
+    if scale == 1.0:
+        return freqs.cos(), freqs.sin()
+    return freqs.cos() * scale, freqs.sin() * scale
 
 
 class RMSNorm(nn.Module):

@@ -39,7 +39,7 @@ def test_legacy_type_key_and_round_trip():
 
 @pytest.mark.parametrize("change, words", [
     ({"num_key_value_heads": 3}, "does not divide"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "unsupported rope type 'dynamic'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "needs low_freq_factor"),
     ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "unsupported architecture"),
     ({"hidden_act": "gelu"}, "hidden_act"),

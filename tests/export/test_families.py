@@ -92,8 +92,9 @@ def test_switches_from_transformers_4_configs():
       "num_hidden_layers": 2}, "sliding window on layers 1.. only is not supported"),
     ({"model_type": "mistral", "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]},
      "layer_types mixing sliding and full attention is not supported"),
-    ({"model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0,
-                                              "original_max_position_embeddings": 32768}}, "unsupported rope type 'yarn'"),
+    ({"model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0}},
+     "rope type 'yarn' needs original_max_position_embeddings"),
+    ({"model_type": "qwen2", "rope_scaling": {"type": "longrope", "factor": 4.0}}, "unsupported rope type 'longrope'"),
     ({"model_type": "qwen3", "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}},
      "unsupported rope type 'dynamic'"),
     ({"model_type": "llama", "attention_bias": True}, "attention_bias is not supported for llama"),
@@ -340,3 +341,28 @@ def test_gguf_mistral_window_metadata_is_read(tmp_path):
     model = family_model("mistral-window5")
     path = write_gguf(tmp_path / "m.gguf", model, meta={"llama.attention.sliding_window": 5})
     assert sources.load_model(path)[0].config.sliding_window == 5
+
+
+# -- yarn, as the Qwen2.5/Qwen3 model cards add it for long context ------------------------------------------
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}   # small: every band used
+
+
+def test_yarn_from_the_model_card_config():
+    qwen3 = hf_dict("qwen3", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                              "original_max_position_embeddings": 32768})
+    assert LlamaConfig.from_hf(qwen3).rope_scaling == {"rope_type": "yarn", "factor": 4.0,
+                                                       "original_max_position_embeddings": 32768}
+
+
+@pytest.mark.parametrize("target", ["torch", "ort"])
+def test_yarn_parity(target, tmp_path):
+    ours = seeded_llama(presets.tiny(**FAMILIES["qwen2"], rope_scaling=YARN), seed=7)
+    hf = hf_reference(ours)
+    ids, mask = left_padded_batch(ours.config.vocab_size, (40, 30), seed=1)
+    if target == "torch":
+        assert diff_vs_transformers(ours, hf, ids, mask, DECODE_STEPS) <= TOL
+        plain = seeded_llama(presets.tiny(**FAMILIES["qwen2"]), seed=7)
+        assert diff_vs_transformers(plain, hf, ids, mask, 2) > 100 * TOL     # yarn changes the logits
+        return
+    loop = OrtLoop(ort_session(onnx_export.lower(onnx_export.export_onnx(ours), target=target), tmp_path), ours.config)
+    assert teacher_forced(ours, loop, ids, mask, steps=DECODE_STEPS) <= TOL

@@ -161,8 +161,14 @@ def _config(meta: dict[str, Any], tensors: dict[str, Any], reader: Any) -> Llama
         if meta.get("llama.rope.scaling.factor") is None:
             raise ConfigError("linear rope scaling without llama.rope.scaling.factor")
         scaling = {"rope_type": "linear", "factor": _float(meta, "llama.rope.scaling.factor")}
+    elif kind == "yarn":
+        # what convert_hf_to_gguf writes for a yarn config (Qwen2.5/Qwen3 long context)
+        factor, ctx = _float(meta, "llama.rope.scaling.factor"), _int(meta, "llama.rope.scaling.original_context_length")
+        if factor is None or ctx is None:
+            raise ConfigError("yarn rope scaling without llama.rope.scaling.factor / original_context_length")
+        scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": ctx}
     elif kind not in (None, "none"):
-        raise ConfigError(f"unsupported rope scaling {str(kind)[:40]!r}; supported: linear, llama3")
+        raise ConfigError(f"unsupported rope scaling {str(kind)[:40]!r}; supported: linear, yarn, llama3")
     if "rope_freqs.weight" in tensors:
         if not 0 < head_dim <= 1 << 12:
             raise ConfigError(f"head dimension {head_dim} is not a llama shape")

@@ -366,3 +366,14 @@ def test_yarn_parity(target, tmp_path):
         return
     loop = OrtLoop(ort_session(onnx_export.lower(onnx_export.export_onnx(ours), target=target), tmp_path), ours.config)
     assert teacher_forced(ours, loop, ids, mask, steps=DECODE_STEPS) <= TOL
+
+
+def test_gguf_yarn_metadata_becomes_the_config(tmp_path):
+    from edgellama.export import sources
+    from tests.export.test_sources import write_gguf
+
+    model = seeded_llama(presets.tiny(**FAMILIES["qwen2"], rope_scaling=YARN), seed=7)
+    path = write_gguf(tmp_path / "y.gguf", model, meta={"qwen2.rope.scaling.type": "yarn",
+                                                        "qwen2.rope.scaling.factor": 4.0,
+                                                        "qwen2.rope.scaling.original_context_length": 32})
+    assert sources.load_model(path)[0].config == model.config

@@ -1,7 +1,5 @@
 """`python -m edgellama` is the `edgellama` command."""
 
-import sys
+from edgellama.cli.main import entry
 
-from edgellama.cli.main import main
-
-sys.exit(main())
+entry()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -122,5 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     return interrupts.exit_status() if interrupts.received else status
 
 
+def entry() -> None:
+    """The `edgellama` command: `main` as a process. An interrupted run exits at once with its
+    status: a second signal, or one still pending when the handlers were restored, would otherwise
+    strike during the interpreter's shutdown and end the process by the signal instead."""
+    status = main()
+    if status in _INTERRUPT_EXIT.values():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

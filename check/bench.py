@@ -313,14 +313,17 @@ def peak_rss_mb(runner: str, folder: Path, *, prompt: list[int], new_tokens: int
         "    r = bench.GenaiRunner(Path(a['folder']), name='genai', precision='?', threads=a['threads'],\n"
         "                          session_config=a['config'])\n"
         "r.run(a['prompt'], a['new_tokens'])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+        # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into the child's ru_maxrss
+        # across exec, so a child forked from a process holding three models reported theirs.
+        "hwm = [l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:')]\n"
+        "print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     args = {"runner": runner, "folder": str(folder), "threads": threads, "config": session_config,
             "prompt": list(prompt), "new_tokens": new_tokens}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise EdgellamaError(f"measuring the peak memory of {runner} on {folder} failed: {tail[0]}")
-    return int(proc.stdout.strip().splitlines()[-1]) / 1024   # ru_maxrss is in KiB on Linux
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024   # KiB on Linux
 
 
 def format_table(rows: Sequence[Row], *, bandwidth: float | None = None) -> str:

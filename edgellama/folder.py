@@ -201,6 +201,16 @@ def inside(folder: Path, name: str, *, what: str = "file", hub_cache: bool = Fal
     raise ModelFolderError(f"{folder}: the {what} {name!r} points outside the folder")
 
 
+def read_json(path: Path, *, error: type[Exception] = ModelFolderError, bad: str = "corrupted") -> Any:
+    """A JSON file of an untrusted folder, parsed: any failure (unreadable, bad UTF-8 or JSON,
+    nesting too deep, a 5000-digit number) is one `error` line "{path}: {bad} ({reason})"."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise error(f"{path}: {bad} ({reason})") from None
+
+
 # -- writing ------------------------------------------------------------------------------------
 def _related(a: Path, b: Path) -> bool:
     """Whether two resolved paths are the same or one contains the other."""
@@ -392,11 +402,7 @@ def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise ModelFolderError(f"{folder} is not an edgellama model folder (no {MANIFEST})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, or a 5000-digit number
-        raise ModelFolderError(f"{path} is corrupted: {str(e)[:120] or type(e).__name__}") from None
-    return Manifest.from_dict(data, where=str(path))
+    return Manifest.from_dict(read_json(path, bad="the manifest is corrupted"), where=str(path))
 
 
 def verify_folder(folder: Path, *, hash_limit_bytes: int = 1 << 30) -> Manifest:

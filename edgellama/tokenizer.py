@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellama.errors import EdgellamaError, RuntimeInputError, SourceError
+from edgellama.folder import inside, read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -126,10 +127,7 @@ class Tokenizer:
             raise SourceError(f"{path}: not a readable tokenizer ({e})") from None
         config: dict[str, Any] = {}
         if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError) as e:
-                raise SourceError(f"{config_path}: not valid JSON ({e})") from None
+            config = read_json(config_path, error=SourceError, bad="not valid JSON")
             if not isinstance(config, dict):
                 raise SourceError(f"{config_path}: not a JSON object")
         template = config.get("chat_template")
@@ -150,8 +148,6 @@ class Tokenizer:
 
 def _file_in(folder: Path, name: str) -> Path:
     """A tokenizer file of `folder`; one that is a symlink to a file outside is refused."""
-    from edgellama.folder import inside
-
     try:
         return inside(folder, name, what="tokenizer file", hub_cache=True)
     except EdgellamaError as e:

@@ -6,14 +6,13 @@ a pickled checkpoint (`.bin`, `.pt`, ...) can run code when loaded, so it is ref
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from edgellama.errors import ConfigError, ModelFolderError, SourceError
 from edgellama.export.config import LlamaConfig, check_shapes
-from edgellama.folder import inside
+from edgellama.folder import inside, read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,10 +46,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 def read_index(index: Path) -> set[str]:
     """The shard file names of a sharded checkpoint's index, type-checked."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise SourceError(f"{index}: not a safetensors index ({_first_line(e)})") from None
+    data = read_json(index, error=SourceError, bad="not a safetensors index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise SourceError(f"{index}: not a safetensors index (no 'weight_map' object)")
@@ -77,10 +73,7 @@ def read_config(folder: Path) -> LlamaConfig:
     if not path.is_file():
         raise SourceError(f"{folder}: no config.json; a Hugging Face checkpoint folder has config.json "
                           "and safetensors weights")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise SourceError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    raw = read_json(path, error=SourceError, bad="not valid JSON")
     if not isinstance(raw, dict):
         raise SourceError(f"{path}: not a config object")
     try:

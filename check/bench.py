@@ -173,24 +173,31 @@ class TorchRunner(Runner):
         return Timing(prefill * 1e3, (new_tokens - 1) / decode if decode > 0 else 0.0, tokens)
 
 
-def transformers_model(folder: Path) -> Any:
-    """transformers' LlamaForCausalLM holding the same weights as the folder's source (eager, fp32)."""
+def transformers_twin(model: Any) -> Any:
+    """transformers' class of our torch model's family (LlamaForCausalLM, Qwen2ForCausalLM, ...) with
+    its weights, loaded strictly, eager attention, fp32."""
     import torch
     import transformers
+    from transformers.initialization import no_init_weights
 
+    cfg = transformers.AutoConfig.for_model(**model.config.to_hf())
+    cfg._attn_implementation = "eager"
+    with no_init_weights():              # every weight is overwritten just below: skip the random init
+        hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    missing, unexpected = hf.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
+    if [k for k in missing if "rotary" not in k] or unexpected:
+        raise EdgellamaError(f"weights do not map onto transformers' {type(hf).__name__} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    return hf.to(torch.float32)
+
+
+def transformers_model(folder: Path) -> Any:
+    """transformers' model of the folder's source family holding the same weights (eager, fp32)."""
     from edgellama import folder as model_folder
     from edgellama.export.sources import load_model
 
     ours, _, _ = load_model(model_folder.read_manifest(folder).source_spec)
-    cfg = transformers.LlamaConfig(**ours.config.to_hf())
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf.config._attn_implementation = "eager"
-    missing, unexpected = hf.load_state_dict({k: v.float() for k, v in ours.state_dict().items()}, strict=False)
-    if [k for k in missing if "rotary" not in k] or unexpected:
-        raise EdgellamaError(f"weights do not map onto transformers' Llama (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-    del ours
-    return hf.to(torch.float32)
+    return transformers_twin(ours)
 
 
 def _genai():
@@ -209,7 +216,10 @@ class GenaiRunner(Runner):
                  threads: int | None = None, session_config: dict[str, str] | None = None):
         og = _genai()
         self.og = og
-        config = og.Config(str(folder))
+        try:
+            config = og.Config(str(folder))
+        except RuntimeError as e:   # genai reports every config problem as a bare RuntimeError
+            raise EdgellamaError(f"onnxruntime-genai cannot load {folder}: {str(e).splitlines()[0]}") from None
         config.clear_providers()
         if provider == "cuda":
             config.append_provider("cuda")

@@ -351,7 +351,8 @@ def genai_config(config: Any, *, inputs: list[str], provider: str = "cpu", share
     options = [] if provider == "cpu" else [{provider: {}}]
     return {
         "model": {
-            "bos_token_id": config.bos_token_id,
+            # genai's parser wants a number here: a config without a BOS token (Qwen2) omits the key.
+            **({"bos_token_id": config.bos_token_id} if config.bos_token_id is not None else {}),
             "context_length": config.max_position_embeddings,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": options},

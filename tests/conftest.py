@@ -149,16 +149,9 @@ def teacher_forced(model, loop, ids, mask, steps: int) -> float:
 def hf_reference(model):
     """transformers' class of the model's family (LlamaForCausalLM, Qwen2ForCausalLM, ...) with our
     weights, loaded strictly, eager attention, fp32."""
-    import transformers
-    from transformers.initialization import no_init_weights
+    from edgellama.check.bench import transformers_twin
 
-    cfg = transformers.AutoConfig.for_model(**model.config.to_hf())
-    cfg._attn_implementation = "eager"
-    with no_init_weights():              # every weight is overwritten just below: skip the random init
-        hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and not [k for k in missing if "rotary" not in k]
-    return hf.float()
+    return transformers_twin(model)   # raises when a weight does not map, strictly
 
 
 def teacher_forced_vs_transformers(ours, hf, ids, mask, steps: int) -> tuple[float, bool]:

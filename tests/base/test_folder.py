@@ -6,6 +6,7 @@ import json
 import pytest
 
 from edgellama.errors import ModelFolderError
+from edgellama import folder as model_folder
 from edgellama.folder import FORMAT_VERSION, MANIFEST, FileRecord, Manifest, read_manifest, write_manifest
 
 
@@ -70,3 +71,12 @@ def test_written_manifest_reads_back(tmp_path):
     back = read_manifest(tmp_path)
     assert back == written and back.precision == "fp16"
     assert back.files["model.onnx"].bytes == 3
+
+
+def test_genai_config_omits_a_missing_bos_token():
+    """onnxruntime-genai's parser refuses a null bos_token_id (a Qwen2 config has none)."""
+    from edgellama.export.config import tiny
+
+    with_bos, without = tiny(), tiny(bos_token_id=None)
+    assert model_folder.genai_config(with_bos, inputs=[])["model"]["bos_token_id"] == with_bos.bos_token_id
+    assert "bos_token_id" not in model_folder.genai_config(without, inputs=[])["model"]

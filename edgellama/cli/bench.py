@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgellama.runtime.kv_loop import MODES
+from edgellama.runtime.kv_loop import MODES, STATIC
 from edgellama.runtime.session import PROVIDERS
 
 
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=128, metavar="N")
     p.add_argument("--runs", type=int, default=3, metavar="N")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every runner (default: all)")
-    p.add_argument("--loop", default=None, choices=[*MODES, "all"],
+    p.add_argument("--loop", default=None, choices=[*MODES, STATIC, "all"],
                    help="edgellama's KV loop (default: the provider's best; 'all' runs each)")
     p.add_argument("--genai-dir", type=Path, default=None,
                    help="where onnxruntime-genai's builder output is kept between runs (default: a temp folder)")
@@ -54,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
             raise EdgellamaError("--plot needs matplotlib (pip install matplotlib)") from None
     say = (lambda s: None) if args.quiet else (lambda s: print(f"[edgellama] {s}", file=sys.stderr, flush=True))
     provider = resolve_provider(args.provider)
-    loops = list(MODES) if args.loop == "all" else [args.loop]
+    if args.loop == "all":   # every loop that fits the folder's KV cache contract
+        from edgellama.folder import read_manifest
+
+        loops = [STATIC] if read_manifest(args.model).kv_cache == STATIC else list(MODES)
+    else:
+        loops = [args.loop]
     runners = [bench.OursRunner(args.model, provider=provider, threads=args.threads, loop=loop) for loop in loops]
     config = runners[0].gen.config
     precision = runners[0].precision

@@ -152,6 +152,24 @@ class StaticCache:
             return out[:, 0]
         return out[np.arange(self.batch), [len(r) - 1 for r in rows]]
 
+    def rewind(self, n: int | Sequence[int]) -> None:
+        """Drop the last `n` tokens of every row (an int), or of each row (one count per row).
+
+        Only the lengths, the mask and the width go back: the buffer slots past a row's new length
+        are overwritten by the next tokens, and the graph never reads past a row's length. A count
+        past a row's start (or negative) raises RuntimeInputError and changes nothing."""
+        drop = np.asarray(n, np.int64)
+        if drop.ndim > 1 or (drop.ndim == 1 and drop.shape[0] != self.batch):
+            raise RuntimeInputError(f"rewind takes one count or {self.batch} counts (one per row)")
+        drop = np.broadcast_to(drop, (self.batch,))
+        if (drop < 0).any() or (drop > self.lengths).any():
+            raise RuntimeInputError(f"cannot rewind {drop.tolist() if self.batch > 1 else int(drop[0])} tokens: "
+                                    f"the cache holds {self.lengths.tolist() if self.batch > 1 else int(self.lengths[0])}")
+        for i, (length, d) in enumerate(zip(self.lengths.tolist(), drop.tolist())):
+            self.mask[i, length - d:length] = 0
+        self.lengths = self.lengths - drop
+        self.width = int(self.lengths.max())
+
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One token per row at that row's next slot; logits [B, V]: a view of the bound output, valid
         until the next call."""

@@ -200,3 +200,49 @@ def test_parity_of_a_static_folder_against_torch(pair):
     found = parity.localize(ref, cand, batch, steps=2, block_rel=1e-3, n_layers=config.num_hidden_layers)
     compared = {row["key"] for row in found["blocks"] if row["compared"]}
     assert "layers.0.attention" in compared and "norm" in compared and found["first_failing"] is None
+
+
+def test_rewind_then_the_same_tokens_give_the_same_logits(static_gen):
+    """A rewound cache continues as if the dropped tokens had never been fed: the same step after
+    a rewind gives bit-identical logits, and greedy from there equals a fresh cache's greedy."""
+    model = static_gen.model
+    prompt = PROMPTS[0]
+    cache = StaticCache(model, 1, 32)
+    cache.prefill([prompt])
+    first = cache.step(np.array([3]))[0].copy()
+    cache.step(np.array([4]))
+    cache.step(np.array([5]))
+    cache.rewind(3)
+    assert cache.lengths.tolist() == [len(prompt)] and cache.width == len(prompt)
+    assert cache.mask[0].tolist() == [1] * len(prompt) + [0] * (cache.capacity - len(prompt))
+    np.testing.assert_array_equal(cache.step(np.array([3]))[0], first)
+    fresh = StaticCache(model, 1, 32)
+    fresh.prefill([prompt])
+    fresh.step(np.array([3]))
+    tok_a, tok_b = np.array([9]), np.array([9])
+    for _ in range(6):
+        la, lb = cache.step(tok_a)[0].copy(), fresh.step(tok_b)[0].copy()
+        np.testing.assert_array_equal(la, lb)
+        tok_a, tok_b = la.argmax(keepdims=True), lb.argmax(keepdims=True)
+
+
+def test_rewind_per_row_and_past_the_start(static_gen):
+    model = static_gen.model
+    rows = [PROMPTS[0], PROMPTS[2]]
+    cache = StaticCache(model, 2, 32)
+    cache.prefill(rows)
+    cache.step(np.array([3, 4]))
+    cache.rewind([1, 0])
+    assert cache.lengths.tolist() == [len(rows[0]), len(rows[1]) + 1] and cache.width == len(rows[0])
+    got = cache.step(np.array([6, 7]))
+    alone = StaticCache(model, 1, 32)
+    alone.prefill([rows[0]])
+    np.testing.assert_allclose(got[0], alone.step(np.array([6]))[0], rtol=1e-4, atol=1e-4)
+    before = (cache.lengths.copy(), cache.mask.copy(), cache.width)
+    for bad in ([0, 99], -1, 99, [1, 1, 1]):
+        with pytest.raises(RuntimeInputError, match="rewind"):
+            cache.rewind(bad)
+        assert (cache.lengths.tolist(), cache.mask.tolist(), cache.width) == (
+            before[0].tolist(), before[1].tolist(), before[2])
+    cache.rewind(cache.lengths.tolist())
+    assert cache.width == 0 and not cache.mask.any()

@@ -1,0 +1,95 @@
+"""A request turned into one Generator call: the prompt, its token count checked against the context,
+and the GenerationOptions fields; `start()` runs on the worker thread and opens the Stream."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from edgellama.errors import EdgellamaError
+from edgellama.serve.errors import APIError, from_user_error
+from edgellama.serve.models import ServedModel
+from edgellama.serve.schemas import ChatRequest, CompletionRequest
+
+# response_format json_object: any JSON object (llguidance's JSON schema support gives the grammar).
+_ANY_OBJECT = {"type": "object"}
+
+
+@dataclasses.dataclass
+class Call:
+    model: ServedModel
+    prompt: Any                 # text, chat messages, or token ids
+    chat: bool
+    prompt_tokens: int
+    kwargs: dict[str, Any]
+
+    def start(self) -> "Running":
+        gen = self.model.generator
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int):
+            return Running(gen.stream_ids(self.prompt, **self.kwargs))
+        return Running(gen.stream(self.prompt, chat=self.chat, **self.kwargs))
+
+
+class Running:
+    """A started Stream as (text piece, logprobs of the tokens since the last piece) pairs. Stop strings
+    hold text back, so a piece may come after its tokens; the rest come with the result."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self._seen = 0
+
+    def __iter__(self) -> Iterator[tuple[str, list]]:
+        for piece in self.stream:
+            yield piece, self.new_logprobs()
+
+    def new_logprobs(self) -> list:
+        rows = self.stream.call.logprobs
+        if rows is None:
+            return []
+        fresh = rows[0][self._seen:]
+        self._seen += len(fresh)
+        return fresh
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def result(self) -> Any:
+        return self.stream.result
+
+
+def plan(model: ServedModel, req: ChatRequest | CompletionRequest) -> Call:
+    """Check the request against the model (prompt and max_tokens within the context) before any slot is
+    taken, so a refused request costs no queue place and gets its 400 before a stream starts."""
+    chat = isinstance(req, ChatRequest)
+    prompt: Any = req.chat_messages() if chat else req.prompt
+    where = "messages" if chat else "prompt"
+    gen = model.generator
+    try:
+        if isinstance(prompt, list) and not chat:    # a completion's prompt as token ids
+            ids = list(prompt)
+            gen.model.check_ids(np.asarray(ids))
+        else:
+            ids = gen.encode(prompt, chat=chat)
+    except EdgellamaError as e:
+        raise from_user_error(e, param=where) from None
+    n, context = len(ids), model.context
+    want = req.limit
+    if n >= context or (want is not None and n + want > context):
+        asked = f"{n + want} tokens ({n} in the prompt, {want} in the completion)" if want else f"{n} tokens in the prompt"
+        raise APIError(400, f"this model's maximum context length is {context} tokens; you requested {asked}. "
+                            "Shorten the prompt or lower max_tokens.", param=where, code="context_length_exceeded")
+    kwargs: dict[str, Any] = {"max_new_tokens": want if want is not None else context - n,
+                              "logprobs": req.n_logprobs, "stop": tuple(req.stop) if req.stop else None}
+    for name in ("temperature", "top_k", "top_p", "seed", "repetition_penalty"):
+        kwargs[name] = getattr(req, name)
+    if chat and req.response_format is not None and req.response_format.type != "text":
+        fmt = req.response_format
+        kwargs["json_schema"] = fmt.json_schema.schema_ if fmt.type == "json_schema" else _ANY_OBJECT
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        gen.options(**kwargs)   # the options' own refusals (a stop string, a penalty) as a 400 here
+    except EdgellamaError as e:
+        raise from_user_error(e) from None
+    return Call(model=model, prompt=prompt, chat=chat, prompt_tokens=n, kwargs=kwargs)

@@ -27,6 +27,11 @@ from edgellama.errors import RuntimeInputError
 # name a grammar the user never wrote, so the one-line reason keeps only the messages.
 _ECHO = re.compile(r"^\s*(\d+\s*\|.*|\^+)\s*$")
 
+# JSON as json.dumps writes it. llguidance's default (any run of whitespace between tokens) lets a
+# weak or sampled model emit newlines forever without leaving the schema; a schema's own
+# "x-guidance" options still override this.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 # Workers shared by every constraint (a thread per request would cost more than a mask); one
 # constraint never has two masks in flight, since each of its methods first waits for the last.
 _POOL: ThreadPoolExecutor | None = None
@@ -45,20 +50,22 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def one_line(message: str) -> str:
-    """llguidance's multi-line reason as one line."""
-    kept = [line.strip() for line in str(message).splitlines() if line.strip() and not _ECHO.match(line)]
+    """llguidance's multi-line reason as one line (without the parser state dump it may append)."""
+    message = str(message).split("<state>", 1)[0]
+    kept = [line.strip() for line in message.splitlines() if line.strip() and not _ECHO.match(line)]
     return " ".join(kept) or "no reason given"
 
 
 class TokenConstraint:
     """The tokens a grammar allows next, advanced token by token; `rollback` undoes accepted tokens."""
 
-    def __init__(self, matcher: Any, *, vocab_size: int, words: int, what: str):
+    def __init__(self, matcher: Any, *, tokenizer: Any, grammar: str, vocab_size: int, what: str):
         self._matcher = matcher
+        self._tokenizer, self._grammar = tokenizer, grammar   # to rebuild the matcher after an error
         self.vocab_size = vocab_size
         self.what = what                       # "JSON schema", "regex", "grammar": for messages
-        self._words = words                    # int32 words of llguidance's bitmask
-        self._accepted = 0
+        self._words = (tokenizer.vocab_size + 31) // 32   # int32 words of llguidance's bitmask
+        self._tokens: list[int] = []
         self._pending: Future | None = None
         self._mask: np.ndarray | None = None   # the current state's mask, until the next accept/rollback
 
@@ -86,11 +93,28 @@ class TokenConstraint:
         if self._mask is None:
             self._mask = self._compute()
         if self._matcher.is_error():
-            raise RuntimeInputError(f"the {self.what} constraint failed: {one_line(self._matcher.get_error())}")
+            # llguidance reports a mask with no token as an error state it never leaves; the matcher
+            # is rebuilt at the same tokens so that a rollback can still take the caller elsewhere.
+            reason = self._matcher.get_error()
+            self._revive()
+            if reason.startswith("NoExtension"):
+                raise RuntimeInputError(self._nothing_allowed())
+            raise RuntimeInputError(f"the {self.what} constraint failed: {one_line(reason)}")
         if not self._mask.any():
-            raise RuntimeInputError(f"the {self.what} constraint allows no token of this model's vocabulary here "
-                                    f"(after {self._accepted} tokens); nothing can be generated that matches it")
+            raise RuntimeInputError(self._nothing_allowed())
         return self._mask.copy()
+
+    def _nothing_allowed(self) -> str:
+        return (f"the {self.what} constraint allows no token of this model's vocabulary after "
+                f"{len(self._tokens)} tokens; nothing that matches it can be generated")
+
+    def _revive(self) -> None:
+        import llguidance
+
+        self._mask = None
+        self._matcher = llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0)
+        if self._tokens and not self._matcher.consume_tokens(self._tokens):
+            raise RuntimeInputError(f"the {self.what} constraint failed: {one_line(self._matcher.get_error())}")
 
     # -- moving -------------------------------------------------------------------------------------
     def accept(self, token_id: int) -> None:
@@ -105,10 +129,12 @@ class TokenConstraint:
             ok = 0 <= token < self.vocab_size and self._matcher.validate_tokens([token]) == 1
         if not ok:
             raise RuntimeInputError(f"token {token} is not allowed by the {self.what} constraint here "
-                                    f"(after {self._accepted} tokens)")
+                                    f"(after {len(self._tokens)} tokens)")
         if not self._matcher.consume_token(token):
-            raise RuntimeInputError(f"the {self.what} constraint failed: {one_line(self._matcher.get_error())}")
-        self._accepted += 1
+            reason = self._matcher.get_error()
+            self._revive()
+            raise RuntimeInputError(f"the {self.what} constraint failed: {one_line(reason)}")
+        self._tokens.append(token)
         self._prefetch()
 
     def is_finished(self) -> bool:
@@ -126,23 +152,22 @@ class TokenConstraint:
         self._settle()
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise RuntimeInputError(f"rollback takes a token count >= 0, got {n!r}")
-        if n > self._accepted:
-            raise RuntimeInputError(f"cannot roll back {n} tokens: the constraint has accepted {self._accepted}")
+        if n > len(self._tokens):
+            raise RuntimeInputError(f"cannot roll back {n} tokens: the constraint has accepted {len(self._tokens)}")
         if n == 0:
             return
-        if not self._matcher.rollback(int(n)):
-            raise RuntimeInputError(f"the {self.what} constraint could not roll back {n} tokens: "
-                                    f"{one_line(self._matcher.get_error())}")
-        self._accepted -= int(n)
         self._mask = None
+        del self._tokens[len(self._tokens) - int(n):]
+        if not self._matcher.rollback(int(n)):
+            self._revive()
 
     @property
     def accepted(self) -> int:
         """How many tokens were accepted (and not rolled back)."""
-        return self._accepted
+        return len(self._tokens)
 
     def __repr__(self) -> str:
-        return f"TokenConstraint({self.what}, accepted={self._accepted}, finished={self.is_finished()})"
+        return f"TokenConstraint({self.what}, accepted={len(self._tokens)}, finished={self.is_finished()})"
 
 
 def build_constraint(*, tokenizer: Any, vocab_size: int, eos_ids: Iterable[int] | None,
@@ -170,7 +195,7 @@ def build_constraint(*, tokenizer: Any, vocab_size: int, eos_ids: Iterable[int] 
     matcher = llguidance.LLMatcher(lltok, text, log_level=0)
     if matcher.is_error():
         raise RuntimeInputError(f"invalid {what}: {one_line(matcher.get_error())}")
-    return TokenConstraint(matcher, vocab_size=int(vocab_size), words=(lltok.vocab_size + 31) // 32, what=what)
+    return TokenConstraint(matcher, tokenizer=lltok, grammar=text, vocab_size=int(vocab_size), what=what)
 
 
 def _grammar_text(llguidance: Any, kind: str, value: Any) -> str:
@@ -183,7 +208,7 @@ def _grammar_text(llguidance: Any, kind: str, value: Any) -> str:
         if not isinstance(value, (dict, bool)):
             raise RuntimeInputError(f"invalid JSON schema: a schema is a JSON object, got {type(value).__name__}")
         try:
-            return llguidance.grammar_from("json_schema", json.dumps(value))
+            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(value), defaults=JSON_LAYOUT)
         except (ValueError, TypeError) as e:
             raise RuntimeInputError(f"invalid JSON schema: {one_line(str(e))}") from None
     if not isinstance(value, str) or not value:

@@ -354,29 +354,88 @@ def format_table(rows: Sequence[Row], *, bandwidth: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[Row], path: Path) -> Path:
-    """A bar chart of decode tokens/s, the bandwidth bound drawn over each bar (needs matplotlib)."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EdgellamaError("--plot needs matplotlib (pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
-    x = np.arange(len(rows))
-    ax.bar(x, [r.decode_tokens_per_s for r in rows], color="tab:blue", label="decode tokens/s (median)")
+        raise EdgellamaError("--plot needs matplotlib (pip install 'edgellama[plot]')") from None
+    return plt
+
+
+def check_plot_path(path: Path) -> None:
+    """Refuse, before any benchmark runs, a plot that could not be written: no matplotlib, a
+    format it cannot write, a missing folder."""
+    plt = _pyplot()
+    path = Path(path)
+    kinds = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if path.suffix.lstrip(".").lower() not in kinds:
+        raise EdgellamaError(f"--plot {path}: give a file name ending in one of "
+                             f"{', '.join('.' + k for k in sorted(kinds))} (e.g. bench.png)")
+    if not path.absolute().parent.is_dir():
+        raise EdgellamaError(f"--plot {path}: folder {path.absolute().parent} does not exist")
+    if path.is_dir():
+        raise EdgellamaError(f"--plot {path} is a folder; give a file name")
+
+
+# The bars' axis reaches this far above the tallest bar; a bound beyond it is drawn at the top edge
+# with its value written out, so that a bound far above what any runner reaches (small models)
+# does not shrink the bars to slivers.
+_HEADROOM = 1.35
+
+
+def plot(rows: Sequence[Row], path: Path, *, title: str | None = None) -> Path:
+    """A bar chart of decode tokens/s per runner, values on the bars, each bar's memory-bandwidth
+    bound marked over it (needs matplotlib). `title` (the benchmark's settings) goes under the
+    chart's own title."""
+    plt = _pyplot()
+    speeds = [r.decode_tokens_per_s for r in rows]
     bounds = [r.bound_tokens_per_s for r in rows]
-    if any(bounds):
-        ax.scatter(x, bounds, marker="_", s=900, color="tab:red", label="memory-bandwidth bound")
-    ax.set_xticks(x, [f"{r.name}\n{r.precision}" for r in rows], fontsize=8)
-    ax.set_ylabel("tokens / s")
-    # Headroom above the tallest mark, so that the legend never sits on a bound.
-    top = max([r.decode_tokens_per_s for r in rows] + [b for b in bounds if b])
-    ax.set_ylim(0, top * 1.3 if top > 0 else 1)
-    ax.legend(fontsize=8, loc="upper right")
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.9 * len(rows) + 1.5), 5.2))
+    x = np.arange(len(rows))
+    bars = ax.bar(x, speeds, width=0.6, color="tab:blue", label="decode tokens/s (median of the runs)")
+    top = max(speeds) * _HEADROOM if max(speeds, default=0) > 0 else 1.0
+    within = [(i, b) for i, b in zip(x, bounds) if 0 < b <= top]
+    if within:
+        ax.scatter(*zip(*within), marker="_", s=1400, linewidths=2.5, color="tab:red", zorder=3,
+                   label="memory-bandwidth bound")
+    above = [(i, b) for i, b in zip(x, bounds) if b > top]
+    if above:
+        edge = top * 0.975
+        ax.scatter([i for i, _ in above], [edge] * len(above), marker="^", s=80, color="tab:red", zorder=3,
+                   label="memory-bandwidth bound, above the axis (value written)")
+        for i, b in above:
+            ax.annotate(f"bound {b:,.0f} tok/s", (i, edge), xytext=(0, -9), textcoords="offset points",
+                        ha="center", va="top", fontsize=8, color="tab:red")
+    ax.bar_label(bars, labels=[_bar_text(r) for r in rows], padding=3, fontsize=8)
+    ax.set_ylim(0, top)
+    ax.set_xticks(x, [_tick_text(r) for r in rows], fontsize=8)
+    ax.set_xlabel("runner (precision, weight bytes)")
+    ax.set_ylabel("decode tokens / s (higher is better)")
+    ax.set_title("decode speed per runner" + (f"\n{title}" if title else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.26), frameon=False,
+              markerscale=0.5)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _tick_text(row: Row) -> str:
+    name = row.name.replace(" (", "\n(", 1)   # "edgellama\n(ort, static)": long names side by side overlap
+    mb = row.weight_bytes / 1e6
+    return f"{name}\n{row.precision}, {mb:,.0f} MB" if mb >= 10 else f"{name}\n{row.precision}, {mb:.2g} MB"
+
+
+def _bar_text(row: Row) -> str:
+    text = f"{row.decode_tokens_per_s:,.1f} tok/s"
+    if row.fraction_of_bound:
+        pct = 100 * row.fraction_of_bound
+        text += f"\n{pct:.0f}% of bound" if pct >= 1 else f"\n{pct:.1g}% of bound"
+    return text

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgellama.errors import EdgellamaError
+
 _COLS = (("max_abs", "max abs"), ("max_rel", "max rel"), ("p999_abs", "p99.9 abs"), ("cosine", "cosine"),
          ("kl_mean", "KL mean"), ("kl_max", "KL max"), ("top1", "top-1"), ("top5", "top-5"))
 
@@ -143,10 +145,31 @@ def to_json(report: dict[str, Any]) -> str:
     return json.dumps(_plain(report), indent=2) + "\n"
 
 
+def check_paths(*, json_path: Path | None = None, markdown_path: Path | None = None) -> None:
+    """Refuse (EdgellamaError) a report path that cannot be written: its folder missing or not a
+    folder, or the path itself a folder. Meant before a check runs, so a typo costs no check."""
+    for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
+        if path is None:
+            continue
+        path = Path(path)
+        parent = path.absolute().parent
+        if not parent.exists():
+            raise EdgellamaError(f"{flag} {path}: folder {parent} does not exist")
+        if not parent.is_dir():
+            raise EdgellamaError(f"{flag} {path}: {parent} is not a folder")
+        if path.is_dir():
+            raise EdgellamaError(f"{flag} {path} is a folder; give a file name")
+
+
 def write(report: dict[str, Any], *, json_path: Path | None = None, markdown_path: Path | None = None) -> None:
-    """Write the requested report files (markdown is appended, as CI summaries collect several jobs)."""
-    if json_path is not None:
-        Path(json_path).write_text(to_json(report))
-    if markdown_path is not None:
-        with open(markdown_path, "a", encoding="utf-8") as f:
-            f.write(to_markdown(report))
+    """Write the requested report files (markdown is appended, as CI summaries collect several jobs).
+    A file that cannot be written is an EdgellamaError naming it."""
+    check_paths(json_path=json_path, markdown_path=markdown_path)
+    try:
+        if json_path is not None:
+            Path(json_path).write_text(to_json(report))
+        if markdown_path is not None:
+            with open(markdown_path, "a", encoding="utf-8") as f:
+                f.write(to_markdown(report))
+    except OSError as e:
+        raise EdgellamaError(f"cannot write the parity report: {e}") from None

@@ -13,6 +13,11 @@ logits) or `dynamic` (past in, present = past ++ new out: what optimum-style con
 the only contract of portable and onnx23).
 OUT receives model.onnx (+ model.onnx.data), the tokenizer, edgellama.json and genai_config.json.
 With --quant the exported model is quantized in memory and OUT is the quantized folder.
+
+Prints OUT. With --json, one object instead (schema "edgellama.export", version 1): `folder`
+(absolute path), `files` ({name: bytes}), `bytes` (their total), `seconds` (wall time), `steps`
+([{step, seconds}] of each progress step), `manifest` (edgellama.json as written: source,
+config, target, dtype, quantization, io, files with sizes and sha256).
 """
 
 from __future__ import annotations
@@ -26,25 +31,29 @@ from edgellama.folder import TARGETS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
-    p.add_argument("--target", default="portable", choices=TARGETS)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--opset", type=int, default=23)
+    p.add_argument("source", metavar="SOURCE", help="HF checkpoint folder, .gguf file, smollm2 or tiny")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="model folder to write")
+    p.add_argument("--target", default="portable", choices=TARGETS, help="graph flavour (see above)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and activation dtype")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset of the default domain")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
-                   help="execution provider the ort target is lowered for (default: cpu)")
+                   help="execution provider the ort target is lowered for")
     p.add_argument("--kv-cache", choices=["static", "dynamic"], default=None,
                    help="KV cache contract (default: static for --target ort, dynamic otherwise)")
     add_quant_arguments(p, flag="--quant", required=False, prefix="with --quant: ",
                         mode_help="quantize the exported model in memory (as `edgellama quantize` would)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fields above) instead of OUT")
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from edgellama.export.onnx_export import export_model
     from edgellama.progress import Progress
 
+    start = time.perf_counter()
     progress = Progress(enabled=not args.quiet)
     finish = None
     if args.quant is None and (args.block_size is not None or args.accuracy_level is not None or args.exclude):
@@ -66,5 +75,10 @@ def run(args: argparse.Namespace) -> int:
     out = export_model(args.source, args.output, target=args.target, dtype=args.dtype, opset=args.opset,
                        provider=args.provider, force=args.force, progress=progress, finish=finish,
                        kv_cache=args.kv_cache)
-    print(out)
+    if args.json:
+        from edgellama.cli.output import folder_payload, print_json
+
+        print_json("export", folder_payload(out, seconds=time.perf_counter() - start, steps=progress.steps))
+    else:
+        print(out)
     return 0

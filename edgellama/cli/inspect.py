@@ -1,12 +1,17 @@
 """Summarize an exported model folder (or a bare .onnx file): ops by domain and count, function
 ops, inputs and outputs with their dims, size on disk, and the manifest.
+
+With --json, one object instead (schema "edgellama.inspect", version 1): `path`, `opsets`
+({domain: version}), `ops` ({domain: {op: count}}), `nodes`, `functions` ([{domain, name, nodes,
+body_ops}]), `inputs` and `outputs` ([{name, dtype, dims}]; a dim is a number or a symbolic
+name), `initializers` (count), `bytes` (on disk), `manifest` (edgellama.json, or null for a bare
+.onnx file).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +20,7 @@ from edgellama.errors import ModelFolderError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", type=Path, help="model folder or .onnx file")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fields above) instead of text")
 
 
 def _dims(value_info: Any) -> list[Any]:
@@ -79,7 +84,9 @@ def _io_lines(rows: list[dict[str, Any]], limit: int = 8) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     s = summarize(args.model)
     if args.json:
-        print(json.dumps(s, indent=2, default=str))
+        from edgellama.cli.output import print_json
+
+        print_json("inspect", s)
         return 0
     out = [f"{s['path']}: {s['nodes']} nodes, {s['initializers']} initializers, {s['bytes'] / 2**20:.1f} MiB",
            "opsets: " + ", ".join(f"{d} {v}" for d, v in s["opsets"].items()), "ops:"]

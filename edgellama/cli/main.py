@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import os
 import signal
@@ -24,15 +25,47 @@ class _Parser(argparse.ArgumentParser):
         raise EdgellamaError(message)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's layout kept, and every option's default shown after its help.
+
+    A help that already states its default (`(default ...`, `default:`) is left as written, as
+    are flags. An unset default (None, "", []) reads `none`: the option is off unless given.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if not _shows_default(action) or "(default" in help or "default:" in help:
+            return help
+        shown = "none" if action.default in (None, "", [], ()) else "%(default)s"
+        return f"{help} (default: {shown})".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action):   # argparse prints nothing after an option without help
+            action = copy.copy(action)
+            action.help = " "
+        return super()._format_action(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    takes_value = action.nargs != 0   # flags (store_true, count, help, version) take none
+    optional = bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+    return takes_value and optional and action.default is not argparse.SUPPRESS and not action.required
+
+
 def _module(name: str):
     return importlib.import_module(f"edgellama.cli.{name}")
 
 
+_DEBUG_HELP = "show tracebacks for user errors too"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="edgellama", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="edgellama", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"edgellama {edgellama.__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # --debug after the subcommand too; SUPPRESS keeps a subparser's default off the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
         if only is not None and name != only:
@@ -41,7 +74,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         mod = _module(name)
         doc = (mod.__doc__ or "").strip()
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter, parents=[common])
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -90,9 +123,9 @@ def _run(argv: list[str]) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=first if first in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2 if argv and not set(argv) <= {"--debug"} else 0
+    if not getattr(args, "_run", None):   # no subcommand: usage on stderr, exit 2 as for any bad usage
+        parser.print_help(sys.stderr)
+        return 2
     return int(args._run(args) or 0)
 
 

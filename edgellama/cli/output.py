@@ -4,12 +4,17 @@
 
 `schema` names what the object describes and `version` goes up when a field changes meaning or
 goes away (adding a field does not bump it), so a CI script can check both before it reads on.
+Numbers JSON cannot hold are written as the strings "inf", "-inf" and "nan", so the output is
+valid JSON for strict parsers. With `--json` a command writes nothing else to stdout (progress
+goes to stderr).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 VERSION = 1
@@ -17,11 +22,46 @@ VERSION = 1
 
 def json_object(command: str, payload: dict[str, Any], *, version: int = VERSION) -> dict[str, Any]:
     """`payload` under the schema header of `command` (the header wins over same-named fields)."""
-    return {**payload, "schema": f"edgellama.{command}", "version": version}
+    header = {"schema": f"edgellama.{command}", "version": version}
+    return {**header, **{k: v for k, v in payload.items() if k not in header}}
+
+
+def finite(x: Any) -> Any:
+    """`x` with every non-finite float written as "inf", "-inf" or "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if x != x else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
+def json_text(obj: dict[str, Any], *, indent: int | None = None) -> str:
+    return json.dumps(finite(obj), ensure_ascii=False, default=str, allow_nan=False, indent=indent) + "\n"
 
 
 def print_json(command: str, payload: dict[str, Any], *, version: int = VERSION, stream: TextIO | None = None) -> None:
     """Print `json_object(command, payload)` as one line of JSON."""
     out = stream or sys.stdout
-    out.write(json.dumps(json_object(command, payload, version=version), ensure_ascii=False, default=str) + "\n")
+    out.write(json_text(json_object(command, payload, version=version)))
     out.flush()
+
+
+def folder_payload(folder: Path, *, seconds: float, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `export --json` and `quantize --json` say about the folder they wrote.
+
+    folder    absolute path of the written model folder
+    files     {name: bytes} of every file in it (edgellama.json included)
+    bytes     their total
+    seconds   wall time of the command, from argument checks to the folder in place
+    steps     [{"step", "seconds"}] of each progress step, in order
+    manifest  the folder's edgellama.json as written (config, target, dtype, quantization, io,
+              files with sizes and sha256, ...)
+    """
+    from edgellama import folder as model_folder
+
+    folder = Path(folder).absolute()
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"folder": str(folder), "files": files, "bytes": sum(files.values()), "seconds": round(seconds, 3),
+            "steps": steps, "manifest": model_folder.read_manifest(folder).to_dict()}

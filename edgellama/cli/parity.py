@@ -12,13 +12,16 @@ Beyond optimum's export validation (one random input, atol only), polygraphy (no
 decode metrics) and onnxruntime's llama_parity (signed max difference only): real prompts,
 left-padded batches, decode steps through the cache, distribution metrics, localization.
 
+Prints the metrics table. --json FILE writes the report (schema "edgellama.parity", version 1,
+fields in docs/parity-schema.md) to FILE; --json - prints it to stdout instead of the table.
+A report path whose folder is missing is refused before the check runs.
+
 Exit status: 0 pass, 1 fail, 2 error (missing or corrupted model, bad arguments).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from edgellama.check.parity_tolerances import PRECISIONS
@@ -41,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
                    help="override one tolerance (repeatable), e.g. kl_mean=1e-3 or greedy_match=none")
     p.add_argument("--no-localize", action="store_true", help="on a failure, do not rerun to find the first bad block")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON (docs/parity-schema.md)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="write the report as JSON (docs/parity-schema.md) to FILE, or to stdout for `-`")
     p.add_argument("--markdown", type=Path, metavar="FILE",
                    help="append a markdown summary, e.g. --markdown \"$GITHUB_STEP_SUMMARY\"")
     p.add_argument("--quiet", action="store_true",
@@ -52,22 +56,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgellama.check import parity, parity_report
     from edgellama.check.parity_tolerances import parse_overrides
+    from edgellama.cli.output import json_object, print_json
     from edgellama.errors import CheckFailed
+    from edgellama.progress import Progress
 
+    to_stdout = args.json is not None and str(args.json) == "-"
+    json_file = None if to_stdout else args.json
+    # Before the check: a report that cannot be written would turn a finished check into an error.
+    parity_report.check_paths(json_path=json_file, markdown_path=args.markdown)
     overrides = parse_overrides(args.tolerance)
     prompts = parity.read_prompts(args.prompts) if args.prompts else None
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
 
-    def say(msg: str) -> None:
-        if not args.quiet:
-            print(f"[edgellama] {msg}", file=sys.stderr, flush=True)
-
     report = parity.run_parity(args.model, reference=args.reference, providers=providers,
                                reference_provider=args.reference_provider, prompts=prompts,
                                decode_steps=args.decode_steps, tolerances=overrides, precision=args.precision,
-                               localize_failures=not args.no_localize, threads=args.threads, progress=say)
-    parity_report.write(report, json_path=args.json, markdown_path=args.markdown)
-    if not args.quiet:
+                               localize_failures=not args.no_localize, threads=args.threads,
+                               progress=Progress(enabled=not args.quiet))
+    report = json_object("parity", report)
+    parity_report.write(report, json_path=json_file, markdown_path=args.markdown)
+    if to_stdout:
+        print_json("parity", report)
+    elif not args.quiet:
         print(parity_report.to_text(report))
     if not parity.report_passed(report):
         failed = [c["provider"] for c in report["comparisons"] if c["status"] != "pass"]

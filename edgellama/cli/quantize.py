@@ -3,6 +3,11 @@
 The modes and what each does are listed below. OUT receives model.onnx (+ model.onnx.data), the
 tokenizer, genai_config.json and edgellama.json (its `quantization` list records the pass and its
 settings). IN must be an unquantized fp32 export.
+
+Prints OUT. With --json, one object instead (schema "edgellama.quantize", version 1): `input`
+(absolute path of IN), `mode`, and as for export: `folder`, `files` ({name: bytes}), `bytes`,
+`seconds`, `steps` ([{step, seconds}]), `manifest` (edgellama.json as written; its
+`quantization` list holds the pass and its settings).
 """
 
 from __future__ import annotations
@@ -41,18 +46,29 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, flag: str, required: bool
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, metavar="IN", help="model folder written by `edgellama export`")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="model folder to write")
     add_quant_arguments(p, flag="--mode", required=True, mode_help="quantization mode")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fields above) instead of OUT")
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from edgellama.progress import Progress
     from edgellama.quant.api import quantize_folder
 
+    start = time.perf_counter()
+    progress = Progress(enabled=not args.quiet)
     out = quantize_folder(args.input, args.output, mode=args.mode, block_size=args.block_size,
                           exclude=args.exclude, force=args.force, accuracy_level=args.accuracy_level,
-                          progress=Progress(enabled=not args.quiet))
-    print(out)
+                          progress=progress)
+    if args.json:
+        from edgellama.cli.output import folder_payload, print_json
+
+        payload = folder_payload(out, seconds=time.perf_counter() - start, steps=progress.steps)
+        print_json("quantize", {"input": str(args.input.absolute()), "mode": args.mode, **payload})
+    else:
+        print(out)
     return 0

@@ -12,8 +12,8 @@ from typing import Any
 
 # Loaded on first use, so that importing a light module of this package (sampling) does not load
 # ONNX Runtime.
-_LAZY = {"Generator": "generator", "GenerationResult": "generator", "OrtModel": "session",
-         "SamplingParams": "sampling"}
+_LAZY = {"Generator": "generator", "GenerationResult": "call", "GenerationOptions": "options", "Stream": "call",
+         "ChatSession": "chat", "OrtModel": "session", "SamplingParams": "sampling", "TokenLogprob": "sampling"}
 
 __all__ = sorted(_LAZY)
 

@@ -78,6 +78,23 @@ class _Loop:
     def _run(self, ids, mask, pos) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def rewind(self, n: int) -> None:
+        """Forget the last `n` cached tokens (a chat session going back, a rejected draft)."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= self.past_len:
+            raise RuntimeInputError(f"cannot rewind {n!r} tokens: the cache holds {self.past_len}")
+        if n:
+            self._keep_first(self.past_len - int(n))
+            self.past_len -= int(n)
+
+    def _keep_first(self, length: int) -> None:
+        # Dynamic loops: the past as host arrays cut to `length` slots, handed back in this loop's
+        # own form (a rewind is rare next to steps, so the copy does not matter).
+        arrays = [np.ascontiguousarray(_host(p)[:, :, :length]) for p in self.past]
+        self.past = self._from_host(arrays)
+
+    def _from_host(self, arrays: list[np.ndarray]) -> list[Any]:
+        return arrays
+
 
 class NumpyLoop(_Loop):
     def __init__(self, model: OrtModel, batch: int):
@@ -105,6 +122,10 @@ class OrtValueLoop(_Loop):
         self._keep.append(array)
         return self._ov.ortvalue_from_numpy(array)
 
+    def _from_host(self, arrays):
+        self._rewound = arrays      # the OrtValues borrow these until the next step replaces them
+        return [self._ov.ortvalue_from_numpy(a) for a in arrays]
+
     def _run(self, ids, mask, pos):
         self._keep = []
         feeds = {"input_ids": self._wrap(ids), "attention_mask": self._wrap(mask), "position_ids": self._wrap(pos),
@@ -122,6 +143,18 @@ class IoBindingLoop(_Loop):
         self.binding = model.session.io_binding()
         self.past: list[Any] | None = None
         self._empty = model.empty_past(batch)
+
+    def _keep_first(self, length: int) -> None:
+        if self.past is not None:
+            super()._keep_first(length)
+
+    def _from_host(self, arrays):
+        import onnxruntime as ort
+
+        self._rewound = arrays
+        if self.device == "cuda":
+            return [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in arrays]
+        return [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
 
     def _run(self, ids, mask, pos):
         b = self.binding
@@ -158,3 +191,10 @@ class StaticLoop(_Loop):
         if self.past_len and ids.shape[1] == 1:
             return self.cache.step(ids[:, 0])
         return self.cache.prefill(real_tokens(ids, mask[:, -ids.shape[1]:]))
+
+    def _keep_first(self, length: int) -> None:
+        self.cache.rewind(self.past_len - length)
+
+
+def _host(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()

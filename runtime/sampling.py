@@ -79,3 +79,43 @@ def next_tokens(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
     # whose probability is exactly 0 and so never moves the CDF).
     ids = np.array([np.searchsorted(row, ui, side="right") for row, ui in zip(cdf, u)], dtype=np.int64)
     return np.minimum(ids, logits.shape[-1] - 1)
+
+
+# -- the other steps of a token's choice --------------------------------------------------------------
+def repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' `RepetitionPenaltyLogitsProcessor` on [B, V] logits: every token id a row has
+    seen (its prompt and what it generated; `seen` [B, V] bool) has its logit multiplied by
+    `penalty` when negative, divided by it otherwise (once, however often it occurred)."""
+    x = np.array(logits, dtype=np.float32, copy=True)
+    if penalty == 1.0:
+        return x
+    hit = x[seen]
+    x[seen] = np.where(hit < 0, hit * np.float32(penalty), hit / np.float32(penalty))
+    return x
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the `k` most likely tokens of its step (id, logprob),
+    most likely first (ties: the lower id first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, k: int) -> list[TokenLogprob]:
+    """One TokenLogprob per row of [B, V] logits for the chosen `tokens` [B]."""
+    lp = log_softmax(logits)
+    k = min(k, lp.shape[-1])
+    out = []
+    for row, t in zip(lp, np.asarray(tokens).tolist()):
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append(TokenLogprob(int(t), float(row[t]), [(int(i), float(row[i])) for i in order]))
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 import sys
 from pathlib import Path
@@ -99,8 +100,22 @@ def resolve_provider(provider: str, *, notice=None) -> str:
     return "cpu"
 
 
+class _StderrLine(logging.Handler):
+    """One plain line on the current sys.stderr. The notice goes through logging, so an application
+    silences it with `logging.getLogger("edgellama").setLevel(logging.ERROR)` or routes it with its own
+    handlers (remove this one and set `propagate = True`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+_log = logging.getLogger(__name__)
+_log.addHandler(_StderrLine())
+_log.propagate = False
+
+
 def _stderr_notice(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    _log.warning(text)
 
 
 # -- the model ------------------------------------------------------------------------------------

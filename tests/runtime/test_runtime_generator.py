@@ -43,14 +43,14 @@ def recompute_greedy(toy, ids, n, stop=()):
 @pytest.mark.parametrize("mode", kv_loop.MODES)
 def test_cache_loop_matches_recompute(toy, model, mode):
     gen = Generator(model, loop=mode)
-    res = gen.generate_ids([5, 7, 9], max_new_tokens=12, stop=False)[0]
+    res = gen.generate_ids([5, 7, 9], max_new_tokens=12, eos=False)[0]
     assert res.token_ids == recompute_greedy(toy, [5, 7, 9], 12)
     assert res.finish_reason == "length" and res.prompt_tokens == 3 and res.prefill_ms > 0
 
 
 def test_modes_agree_on_a_sampled_batch(model):
     outs = [[r.token_ids for r in Generator(model, loop=mode).generate_ids(
-        [[3, 4, 5, 6], [8]], max_new_tokens=10, temperature=1.2, top_p=0.9, seed=11, stop=False)]
+        [[3, 4, 5, 6], [8]], max_new_tokens=10, temperature=1.2, top_p=0.9, seed=11, eos=False)]
         for mode in kv_loop.MODES]
     assert outs[0] == outs[1] == outs[2]
 
@@ -58,14 +58,14 @@ def test_modes_agree_on_a_sampled_batch(model):
 def test_left_padded_batch_equals_rows_alone(model):
     gen = Generator(model)
     prompts = [[3, 4, 5, 6, 7], [9], [1, 10, 4]]
-    batch = gen.generate_ids(prompts, max_new_tokens=8, stop=False)
-    alone = [gen.generate_ids(p, max_new_tokens=8, stop=False)[0] for p in prompts]
+    batch = gen.generate_ids(prompts, max_new_tokens=8, eos=False)
+    alone = [gen.generate_ids(p, max_new_tokens=8, eos=False)[0] for p in prompts]
     assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
 
 
 def test_stop_token_ends_a_row(toy, model):
     gen = Generator(model)
-    free = gen.generate_ids([5, 7, 9], max_new_tokens=20, stop=False)[0].token_ids
+    free = gen.generate_ids([5, 7, 9], max_new_tokens=20, eos=False)[0].token_ids
     stop_tok = free[3]
     gen.stop_ids = frozenset({stop_tok})
     res = gen.generate_ids([5, 7, 9], max_new_tokens=20)[0]
@@ -76,7 +76,7 @@ def test_stop_token_ends_a_row(toy, model):
 def test_context_caps_the_length_and_long_prompts_are_refused(model):
     gen = Generator(model)
     ctx = model.max_positions                          # 32 in the toy
-    res = gen.generate_ids(list(range(3, 11)) * 3, max_new_tokens=100, stop=False)[0]   # 24-token prompt
+    res = gen.generate_ids(list(range(3, 11)) * 3, max_new_tokens=100, eos=False)[0]   # 24-token prompt
     assert len(res.token_ids) == ctx - 24 and res.finish_reason == "length"
     with pytest.raises(RuntimeInputError, match=f"the prompt has {ctx} tokens; the model's context is {ctx}"):
         gen.generate_ids([3] * ctx, max_new_tokens=1)
@@ -102,7 +102,7 @@ def test_bad_settings_are_typed_errors(model):
 
 def test_seed_reproduces_and_differs(model):
     gen = Generator(model)
-    kw = dict(max_new_tokens=15, temperature=1.5, stop=False)
+    kw = dict(max_new_tokens=15, temperature=1.5, eos=False)
     a = gen.generate_ids([4, 5], seed=1, **kw)[0]
     b = gen.generate_ids([4, 5], seed=1, **kw)[0]
     runs = {tuple(gen.generate_ids([4, 5], seed=s, **kw)[0].token_ids) for s in range(2, 8)}
@@ -116,7 +116,7 @@ def test_seed_reproduces_and_differs(model):
 def test_threads_share_one_generator(model, mode):
     gen = Generator(model, loop=mode)
     jobs = [([3 + i % 5, 4, 5 + i % 3], dict(max_new_tokens=12, temperature=1.0 if i % 2 else 0.0, seed=i,
-                                             stop=False)) for i in range(12)]
+                                             eos=False)) for i in range(12)]
     serial = [gen.generate_ids(p, **kw)[0].token_ids for p, kw in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(lambda p=p, kw=kw: gen.generate_ids(p, **kw)[0].token_ids) for p, kw in jobs]
@@ -125,11 +125,11 @@ def test_threads_share_one_generator(model, mode):
 
 
 def test_timings_are_reported(model):
-    res = Generator(model).generate_ids([3, 4], max_new_tokens=6, stop=False)[0]
+    res = Generator(model).generate_ids([3, 4], max_new_tokens=6, eos=False)[0]
     d = res.to_dict()
     assert {"text", "token_ids", "prefill_ms", "decode_tokens_per_s", "finish_reason"} <= set(d)
     assert d["decode_tokens_per_s"] > 0 and d["decode_ms"] > 0
-    one = Generator(model).generate_ids([3, 4], max_new_tokens=1, stop=False)[0]
+    one = Generator(model).generate_ids([3, 4], max_new_tokens=1, eos=False)[0]
     assert len(one.token_ids) == 1 and one.decode_tokens_per_s == 0.0
 
 

@@ -1,0 +1,293 @@
+"""One generation call: prefill, then one token a step, each token chosen by one pipeline.
+
+    logits -> repetition penalty -> constraint mask -> sampling -> logprobs -> stop checks
+
+(logprobs are read from the raw logits, before the penalty, the mask and the temperature, as vLLM
+reports them by default.) A `Call` owns its state (cache loop, random generator, per-row text)
+and is never shared between threads. It runs on a fresh loop, or on a loop it is given that
+already holds `prefix` (batch 1): a chat session's cache, or speculative decoding's. `Stream`
+turns a call into an iterator of text pieces whose `.result` can be read after the loop, after an
+early `break`, or after `close()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from edgellama import contract
+from edgellama.errors import RuntimeInputError
+from edgellama.runtime import kv_loop
+from edgellama.runtime.options import GenerationOptions
+from edgellama.runtime.sampling import TokenLogprob, next_tokens, repetition_penalty, token_logprobs
+from edgellama.runtime.stopping import StopText, find_stop
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One sequence's output.
+
+    text                  the answer (without the stop token, and cut before a stop string)
+    token_ids             the new tokens, with the token that ended it (EOS, or the one that
+                          completed a stop string)
+    prompt_tokens         the prompt's tokens (a chat turn: the whole conversation so far)
+    prefill_tokens        tokens run through the prefill (a chat turn reusing its cache: fewer)
+    finish_reason         "stop" (EOS, a stop string, a complete constraint), "length"
+                          (max_new_tokens or the context), "cancelled" (a stream closed early)
+    stop_reason           the EOS token id, or the stop string matched; None otherwise
+    capped                how many tokens max_new_tokens was cut by to fit the context (0: none)
+    logprobs              per new token (when asked): its logprob and the top-k (id, logprob)
+    defaults              options taken from the folder's generation_config.json
+    reused_tokens         a chat turn's cached tokens kept instead of prefilled again
+    reprefill_reason      why a chat turn could not reuse all its cached tokens (None: it did)
+    prefill_ms            the prefill forward pass plus the choice of the first token
+    decode_tokens_per_s   the tokens after the first one over the time of their steps
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    prefill_ms: float
+    decode_ms: float
+    decode_tokens_per_s: float
+    seed: int | None = None
+    stop_reason: int | str | None = None
+    prefill_tokens: int = 0
+    capped: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    defaults: list[str] = dataclasses.field(default_factory=list)
+    reused_tokens: int = 0
+    reprefill_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Call:
+    """The state of one call on `gen` (a Generator): `rows` of new token ids, after `prefix` ids that
+    `loop` already holds (a given loop: batch 1). `steps()` runs it; `results()` reads it."""
+
+    def __init__(self, gen: Any, rows: list[list[int]], *, options: GenerationOptions, loop: Any = None,
+                 prefix: Sequence[int] = (), text: bool = False):
+        model = gen.model
+        if not rows or not all(rows):
+            raise RuntimeInputError("empty prompt: give at least one token")
+        prefix = [int(t) for t in prefix]
+        if loop is not None and (len(rows) != 1 or loop.past_len != len(prefix)):
+            raise RuntimeInputError("a call on a given cache takes one row, after the tokens the cache holds")
+        longest = len(prefix) + max(len(r) for r in rows)
+        if longest >= model.max_positions:
+            raise RuntimeInputError(f"the prompt has {longest} tokens; the model's context is {model.max_positions} "
+                                    "(prompt plus at least one new token must fit)")
+        for r in rows:
+            model.check_ids(np.asarray(r))
+        self.gen, self.rows, self.options, self.loop, self.prefix = gen, rows, options, loop, prefix
+        self.params = options.sampling
+        self.max_new = min(options.max_new_tokens, model.max_positions - longest)
+        self.capped = options.max_new_tokens - self.max_new
+        seed = options.seed
+        if seed is None and not self.params.greedy:
+            seed = int(np.random.SeedSequence().entropy % (1 << 63))
+        self.seed = seed
+        self.rng = None if self.params.greedy else np.random.default_rng(seed)
+        self.stop_ids = gen.stop_ids if options.eos else frozenset()
+        vocab = model.config.vocab_size
+        self.seen = None
+        if options.repetition_penalty != 1.0:
+            self.seen = np.zeros((len(rows), vocab), bool)
+            for i, r in enumerate(rows):
+                self.seen[i, prefix + r] = True
+        self.constraints = [gen.constraint(options) for _ in rows] if options.constrained else None
+        self.texts = [StopText(gen.decode, options.stop) for _ in rows] if (text or options.stop) else None
+        self.pending = [""] * len(rows)      # released text not yet taken by a stream
+        self.new: list[list[int]] = [[] for _ in rows]
+        self.logprobs: list[list[TokenLogprob]] | None = [[] for _ in rows] if options.logprobs is not None else None
+        self.done = [False] * len(rows)
+        self.stop_reason: list[int | str | None] = [None] * len(rows)
+        self.finished = False       # the loop ran to its end (not cancelled)
+        self.reprefill_reason: str | None = None
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+
+    # -- one token per row ------------------------------------------------------------------------
+    def _choose(self, logits: np.ndarray) -> np.ndarray:
+        raw = np.asarray(logits)
+        x = raw
+        if self.seen is not None:
+            x = repetition_penalty(x, self.seen, self.options.repetition_penalty)
+        if self.constraints is not None:
+            x = np.array(x, dtype=np.float32, copy=True)
+            for i, c in enumerate(self.constraints):
+                if not self.done[i]:
+                    x[i, ~c.allowed()] = -np.inf
+        tokens = next_tokens(x, self.params, self.rng)
+        if self.logprobs is not None:
+            for i, lp in enumerate(token_logprobs(raw, tokens, self.options.logprobs)):
+                if not self.done[i]:
+                    self.logprobs[i].append(lp)
+        return tokens
+
+    def _record(self, i: int, t: int) -> None:
+        """Row i chose token t: keep it, then the stop checks (EOS, constraint, stop strings)."""
+        self.new[i].append(t)
+        if self.seen is not None:
+            self.seen[i, t] = True
+        if t in self.stop_ids:
+            self.done[i], self.stop_reason[i] = True, t
+            return
+        if self.constraints is not None:
+            c = self.constraints[i]
+            c.accept(t)
+            if c.is_finished():
+                self.done[i] = True
+        if self.texts is not None:
+            self.pending[i] += self.texts[i].push(t)
+            if self.texts[i].match is not None:
+                self.done[i], self.stop_reason[i] = True, self.texts[i].match
+
+    def steps(self) -> Iterator[np.ndarray]:
+        """Yield each step's chosen tokens [B] until every row stopped or the length cap is reached."""
+        gen, model = self.gen, self.gen.model
+        b = len(self.rows)
+        if self.loop is None:
+            ids, mask = contract.left_pad(self.rows, pad_id=gen.pad_id)
+            pos = contract.positions_from_mask(mask)
+            self.loop = kv_loop.make_loop(model, b, mode=gen.loop_mode, capacity=ids.shape[1] + self.max_new)
+        else:
+            ids = np.asarray(self.rows, np.int64)
+            start = self.loop.past_len
+            mask = np.ones((1, start + ids.shape[1]), np.int64)
+            pos = np.arange(start, start + ids.shape[1], dtype=np.int64)[None]
+        loop = self.loop
+        t0 = time.perf_counter()
+        with model.run_errors():
+            tokens = self._choose(loop.step(ids, mask, pos))
+        self.prefill_s = time.perf_counter() - t0
+        last_pos = pos[:, -1:]
+        decode_start = None
+        for step in range(self.max_new):
+            for i, t in enumerate(tokens.tolist()):
+                if not self.done[i]:
+                    self._record(i, t)
+            yield tokens
+            if all(self.done) or step == self.max_new - 1:
+                break
+            if decode_start is None:
+                decode_start = time.perf_counter()   # decode time: the steps after the first token
+            # Finished rows keep stepping (their tokens are ignored) so the batch stays rectangular.
+            feed = np.where(self.done, gen.pad_id, tokens).astype(np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            last_pos = last_pos + 1
+            with model.run_errors():
+                tokens = self._choose(loop.step(feed, mask, last_pos))
+            self.decode_s = time.perf_counter() - decode_start
+        self.finished = True
+
+    # -- reading it ---------------------------------------------------------------------------------
+    def take_text(self, i: int, *, final: bool = False) -> str:
+        """Row i's text released since the last take (with `final`, the rest as well)."""
+        if final and self.texts is not None:
+            self.pending[i] += self.texts[i].flush()
+        out, self.pending[i] = self.pending[i], ""
+        return out
+
+    def fed_ids(self) -> list[int]:
+        """Row 0's tokens whose keys and values the loop holds (the last chosen token is not fed)."""
+        held = 0 if self.loop is None else self.loop.past_len
+        return (self.prefix + self.rows[0] + self.new[0])[:held]
+
+    def _text(self, i: int) -> str:
+        new, reason = self.new[i], self.stop_reason[i]
+        if isinstance(reason, str):
+            full = self.gen.decode(new)
+            hit = find_stop(full, [reason])
+            return full[:hit[0]] if hit else self.texts[i].text[:self.texts[i].cut]
+        return self.gen.decode(new[:-1] if isinstance(reason, int) else new)
+
+    def results(self) -> list[GenerationResult]:
+        out = []
+        for i, (row, new) in enumerate(zip(self.rows, self.new)):
+            n_decode = max(len(new) - 1, 0)
+            finish = "stop" if self.done[i] else ("length" if self.finished else "cancelled")
+            out.append(GenerationResult(
+                text=self._text(i), token_ids=list(new), prompt_tokens=len(self.prefix) + len(row),
+                finish_reason=finish, prefill_ms=self.prefill_s * 1e3, decode_ms=self.decode_s * 1e3,
+                decode_tokens_per_s=(n_decode / self.decode_s) if self.decode_s > 0 and n_decode else 0.0,
+                seed=self.seed, stop_reason=self.stop_reason[i], prefill_tokens=len(row), capped=self.capped,
+                logprobs=None if self.logprobs is None else list(self.logprobs[i]),
+                defaults=list(self.options.defaults), reused_tokens=len(self.prefix),
+                reprefill_reason=self.reprefill_reason))
+        return out
+
+
+class Stream:
+    """Text pieces of one call's answer as they are generated (UTF-8 safe; the stop token and stop
+    strings never shown; text that may still become a stop string held back until it cannot).
+
+        s = gen.stream("Tell me a story", max_new_tokens=64)
+        for piece in s:
+            print(piece, end="")
+        print(s.result.finish_reason)
+
+    `result` is there once the loop ends; read after an early `break` (or `close()`), it closes
+    the call and reports the tokens so far with finish_reason "cancelled". `on_close(result, error)` runs
+    once, when the call ends either way (`error`: the exception that ended it, else None)."""
+
+    def __init__(self, call: Call, *,
+                 on_close: Callable[[GenerationResult, BaseException | None], None] | None = None):
+        self.call = call
+        self._on_close = on_close
+        self._result: GenerationResult | None = None
+        self._pieces = self._run()
+
+    def _run(self) -> Iterator[str]:
+        try:
+            for _ in self.call.steps():
+                piece = self.call.take_text(0)
+                if piece:
+                    yield piece
+            tail = self.call.take_text(0, final=True)
+            if tail:
+                yield tail
+        except GeneratorExit:
+            raise
+        except BaseException as e:   # an interrupt too: the cache may be half-updated
+            self._close(error=e)
+            raise
+        finally:
+            self._close()
+
+    def _close(self, *, error: BaseException | None = None) -> None:
+        if self._result is None:
+            self._result = self.call.results()[0]
+            if self._on_close is not None:
+                self._on_close(self._result, error)
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """End the call now (idempotent); `result` then holds what was generated."""
+        self._pieces.close()
+        self._close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            self.close()
+        return self._result

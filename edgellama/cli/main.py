@@ -17,7 +17,7 @@ from edgellama.errors import CheckFailed, EdgellamaError
 
 # One module per subcommand under edgellama.cli; each has a docstring (its help), `add_arguments`
 # and `run(args) -> int`. Imported lazily so `edgellama --help` never loads torch.
-SUBCOMMANDS = ("export", "inspect", "quantize", "generate", "bench", "parity", "serve")
+SUBCOMMANDS = ("export", "inspect", "quantize", "generate", "bench", "parity", "serve", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):

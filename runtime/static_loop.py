@@ -21,6 +21,10 @@ import numpy as np
 from edgellama.errors import RuntimeInputError
 from edgellama.runtime.session import OrtModel
 
+# The static graph's overridable input (export/lower/ort_static.py): how many last positions'
+# logits a call returns; runtime may import only export.config, so the name is repeated here.
+LOGITS_TO_KEEP = "logits_to_keep"
+
 ROUND_TO = 64
 
 
@@ -57,10 +61,16 @@ class StaticCache:
         self._allocate(buffer_slots(capacity, limit=model.max_positions, round_to=round_to))
         self.step_ids = np.zeros((batch, 1), np.int64)
         self._step_ids = ort.OrtValue.ortvalue_from_numpy(self.step_ids)
-        self.last_only = _last_position_logits(model)
+        self.last_only, self.keeps = _head_kind(model)
         if self.last_only:
             self.logits = np.zeros((batch, 1, c.vocab_size), np.float32)
-            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+            self._logits = ort.OrtValue.ortvalue_from_numpy(self.logits)
+            self.binding.bind_ortvalue_output("logits", self._logits)
+        # K -> `logits_to_keep` as an OrtValue: bind_cpu_input refuses an input that is also an
+        # initializer, bind_ortvalue_input takes it.
+        self._counts = {1: ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))}
+        if self.keeps:
+            self.binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._counts[1])
         # Outputs ONNX Runtime shapes per call (bound again before each, or the last call's
         # allocation would be reused): all-position logits, further outputs such as parity's probes.
         self._per_call = ([] if self.last_only else ["logits"]) + list(extra_outputs)
@@ -120,30 +130,58 @@ class StaticCache:
         with self.model.run_errors():
             self.model.session.run_with_iobinding(self.binding)
 
-    def append(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    def append(self, rows: Sequence[Sequence[int]], *, keep: int | None = None) -> np.ndarray:
         """Several tokens per row (a prompt, or at batch 1 a further chunk), right-padded to the
-        longest; returns the graph's logits: [B, 1, V] (each row's last real position) on a
-        last-position graph, else [B, S, V] (row b's real positions first)."""
+        longest. Returns the graph's logits: [B, 1, V] (each row's last real position) on a
+        last-position graph, else [B, S, V] (row b's real positions first); with `keep`=K,
+        [B, K, V]: each row's last K real positions of this call (clamped at its first), one
+        forward pass whatever the graph (older last-position folders can keep only 1)."""
         if len(rows) != self.batch or not all(rows):
             raise RuntimeInputError(f"expected {self.batch} non-empty rows of token ids")
+        if keep is not None and (keep < 1 or (self.last_only and not self.keeps and keep != 1)):
+            raise RuntimeInputError(f"cannot keep the logits of {keep} positions: "
+                                    + ("keep at least 1" if keep < 1 else f"{self.model.folder} returns only the last "
+                                       "position's (export it again for logits_to_keep)"))
         if self.width and self.batch > 1 and max(len(r) for r in rows) > 1:
             raise RuntimeInputError("several new tokens on a non-empty cache need batch 1 "
                                     "(ONNX Runtime's GroupQueryAttention refuses it for a batch)")
         longest = max(len(r) for r in rows)
-        self._ensure(int(self.lengths.max()) + longest)
         ids = np.zeros((self.batch, longest), np.int64)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
+        self.model.check_ids(ids)
+        self._ensure(int(self.lengths.max()) + longest)
+        for i, r in enumerate(rows):
             self.mask[i, self.lengths[i]:self.lengths[i] + len(r)] = 1
             self.lengths[i] += len(r)
-        self.model.check_ids(ids)
         # The first call's width is the longest prompt; then it follows the longest row.
         self.width = int(self.lengths.max())
         self._ids_now = ids
         self.binding.bind_cpu_input("input_ids", ids)
-        self._run()
-        self.binding.bind_ortvalue_input("input_ids", self._step_ids)
-        return self.logits.copy() if self.last_only else self.outputs()[0]
+        several = keep is not None and keep != 1 and self.last_only
+        if several:
+            # The output is declared [B, 1, V], and ONNX Runtime refuses a bound [B, K, V] buffer
+            # for it: it allocates this one call's logits itself.
+            if keep not in self._counts:
+                self._counts[keep] = self._ort.OrtValue.ortvalue_from_numpy(np.array([keep], np.int64))
+            self.binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._counts[keep])
+            self.binding.bind_output("logits", "cpu")
+        try:
+            self._run()
+            if several:
+                return self.binding.get_outputs()[len(self.kv)].numpy()
+        finally:
+            self.binding.bind_ortvalue_input("input_ids", self._step_ids)
+            if several:   # back to the one position a step reads
+                self.binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._counts[1])
+                self.binding.bind_ortvalue_output("logits", self._logits)
+        if self.last_only:
+            return self.logits.copy()
+        full = self.outputs()[0]
+        if keep is None:
+            return full
+        pos = np.clip(np.array([len(r) for r in rows])[:, None] - keep + np.arange(keep), 0, longest - 1)
+        return full[np.arange(self.batch)[:, None], pos]
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """`append`, then each row's last real position: logits [B, V]."""
@@ -184,10 +222,13 @@ class StaticCache:
         return self.logits[:, 0]
 
 
-def _last_position_logits(model: OrtModel) -> bool:
-    """Whether the graph returns only each row's last position ([B, 1, V])."""
+def _head_kind(model: OrtModel) -> tuple[bool, bool]:
+    """(last positions only, `logits_to_keep` fed): logits declared [B, 1, V] are each row's last
+    position (K of them when the graph has the overridable `logits_to_keep` input; folders exported
+    before it have not), else every position [B, S, V]."""
     out = next(o for o in model.session.get_outputs() if o.name == "logits")
-    return len(out.shape) == 3 and out.shape[1] == 1
+    last = len(out.shape) == 3 and out.shape[1] == 1
+    return last, last and LOGITS_TO_KEEP in {i.name for i in model.session.get_overridable_initializers()}
 
 
 def real_tokens(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[list[int]]:

@@ -20,15 +20,20 @@ The static contract (B rows, S new tokens this call, T tokens so far incl. these
                                                     (only its row sums and its width are read)
            past_key_values.{i}.key   [B, Hkv, M, D]  the layer's whole cache buffer (M >= T), bound
            past_key_values.{i}.value [B, Hkv, M, D]  to the same memory as present (written in place)
-  outputs  logits                    float [B, 1, V] each row's last real position (`last_logits`)
-                                     float [B, S, V] otherwise
+           logits_to_keep            int64 [1] = K   also an initializer, 1: a caller that does not
+                                                    feed it (onnxruntime-genai) gets one position
+  outputs  logits                    float [B, K, V] each row's last K real positions (`last_logits`),
+                                                    declared [B, 1, V] (what genai allocates)
+                                     float [B, S, V] otherwise (no logits_to_keep input)
            present.{i}.key / .value  [B, Hkv, M, D]  the same buffer
 
 Row b's tokens sit at cache slots 0..len_b-1 and at positions 0..len_b-1, so GroupQueryAttention
 derives each row's positions from seqlens_k (its rotary runs inside, `do_rotary=1`) and writes a
 row's new keys at its own seqlens_k: right padding is what its cache layout wants. No position_ids.
-The last-position gather takes index clamp(seqlens_k[b] - (T - S), 0, S - 1): the last real token
-of a right-padded first prompt, the only token of a decode step, the last of a batch-1 chunk.
+The last-position gather takes, for j < K, index clamp(seqlens_k[b] - (T - S) - (K - 1) + j, 0, S - 1):
+K = 1 is the last real token of a right-padded first prompt, the only token of a decode step, the last
+of a batch-1 chunk; K > 1 is what speculative decoding verifies (a K past a row's new tokens repeats
+its first). The LM head runs on B*K hidden states, never on a whole prompt.
 
 ORT 1.31 CPU, measured: past and present bound to one OrtValue are written in place; right-padded
 batch prompts, per-row decode at seqlens_k and one-token prompts match a numpy reference; a
@@ -50,6 +55,7 @@ TOTAL_SEQUENCE_LENGTH = "static/total_sequence_length"
 # The hidden state of each row's last real position, [B, 1, H]: parity swaps it back for the
 # full hidden state to see every position's logits.
 LAST_HIDDEN = "static/last_hidden"
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
@@ -178,9 +184,14 @@ def _packed(graph: ir.Graph, gqa: ir.Node, ctx: Context, seqlens_k: ir.Value) ->
     rq, rk = q.producer(), k.producer()
     mq, mk, mv = rq.inputs[0].producer(), rk.inputs[0].producer(), v.producer()
     total = next(n.outputs[0] for n in graph if n.outputs and n.outputs[0].name == TOTAL_SEQUENCE_LENGTH)
-    weights = [m.inputs[1].const_value.numpy() for m in (mq, mk, mv)]
+    weights = [m.inputs[1].const_value for m in (mq, mk, mv)]
     layer = gqa.name.split("/")[0]
-    packed = ir.Value(name=f"{layer}.qkv_proj.weight", const_value=ir.tensor(np.concatenate(weights, axis=1)))
+    name = f"{layer}.qkv_proj.weight"
+    shape = ir.Shape([weights[0].shape[0], sum(w.shape[1] for w in weights)])
+    # Concatenated when written, not here: the weights may be lazy (a streamed export), read one layer at a time.
+    lazy = ir.LazyTensor(lambda: ir.tensor(np.concatenate([w.numpy() for w in weights], axis=1), name=name),
+                         dtype=weights[0].dtype, shape=shape, name=name)
+    packed = ir.Value(name=name, const_value=lazy)
     graph.register_initializer(packed)
     matmul = ir.node("MatMul", [mq.inputs[0], packed], name=f"{layer}.qkv_proj/MatMul")
     attrs = {a: gqa.attributes[a].value for a in ("num_heads", "kv_num_heads", "scale", "local_window_size")
@@ -195,39 +206,61 @@ def _packed(graph: ir.Graph, gqa: ir.Node, ctx: Context, seqlens_k: ir.Value) ->
 
 
 def _last_position_logits(graph: ir.Graph, ids: ir.Value, mask: ir.Value, seqlens_k: ir.Value) -> None:
-    """logits [B, 1, V]: the LM head reads row b's hidden state at clamp(seqlens_k - (T - S), 0, S - 1)."""
+    """logits [B, K, V]: the LM head reads row b's hidden states at
+    clamp(seqlens_k - (T - S) - (K - 1) + j, 0, S - 1) for j < K, K = `logits_to_keep` (default 1)."""
     logits = next(v for v in graph.outputs if v.name == "logits")
     head = _lm_head(graph)
     hidden = head.inputs[0]
     size = static_dim(hidden, -1)
+    # A graph input that is also an initializer: ONNX Runtime lets a caller override it, and every
+    # caller that does not (onnxruntime-genai, the plain decode step) reads the default.
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.array([1], np.int64), name=LOGITS_TO_KEEP))
+    graph.inputs.append(keep)
+    graph.register_initializer(keep)
     p = "static/last_position/"
     nodes: list[ir.Node] = []
     one = _const(nodes, p + "one", np.array([1], np.int64))
     zero = _const(nodes, p + "zero", np.array([0], np.int64))
+    zero_s = _const(nodes, p + "zero_s", np.array(0, np.int64))
+    one_s = _const(nodes, p + "one_s", np.array(1, np.int64))
+    flat_shape = _const(nodes, p + "flat_shape", np.array([-1, size], np.int64))
+    minus_one = _const(nodes, p + "minus_one", np.array([-1], np.int64))
+    size_1 = _const(nodes, p + "hidden_size", np.array([size], np.int64))
     nodes += [
         s := ir.node("Shape", [ids], {"start": 1, "end": 2}, name=p + "S"),                          # [1]
         t := ir.node("Shape", [mask], {"start": 1, "end": 2}, name=p + "T"),
         b := ir.node("Shape", [ids], {"start": 0, "end": 1}, name=p + "B"),
         past := ir.node("Sub", [t.outputs[0], s.outputs[0]], name=p + "T_minus_S"),
         sk := ir.node("Cast", [seqlens_k], {"to": ir.DataType.INT64}, name=p + "seqlens64"),
-        raw := ir.node("Sub", [sk.outputs[0], past.outputs[0]], name=p + "raw_index"),                 # [B]
+        last := ir.node("Sub", [sk.outputs[0], past.outputs[0]], name=p + "last_index"),              # [B]
+        back := ir.node("Sub", [keep, one], name=p + "K_minus_1"),
+        first := ir.node("Sub", [last.outputs[0], back.outputs[0]], name=p + "first_index"),
+        col := ir.node("Unsqueeze", [first.outputs[0], one], name=p + "first_column"),                 # [B, 1]
+        k0 := ir.node("Squeeze", [keep], name=p + "K_scalar"),
+        steps := ir.node("Range", [zero_s, k0.outputs[0], one_s], name=p + "steps"),                   # [K]
+        raw := ir.node("Add", [col.outputs[0], steps.outputs[0]], name=p + "raw_index"),             # [B, K]
         smax := ir.node("Sub", [s.outputs[0], one], name=p + "S_minus_1"),
         low := ir.node("Max", [raw.outputs[0], zero], name=p + "clamp_low"),
         idx := ir.node("Min", [low.outputs[0], smax.outputs[0]], name=p + "index"),
         b0 := ir.node("Squeeze", [b.outputs[0]], name=p + "B_scalar"),
-    ]
-    zero_s = _const(nodes, p + "zero_s", np.array(0, np.int64))
-    one_s = _const(nodes, p + "one_s", np.array(1, np.int64))
-    flat_shape = _const(nodes, p + "flat_shape", np.array([-1, size], np.int64))
-    nodes += [
         rows := ir.node("Range", [zero_s, b0.outputs[0], one_s], name=p + "rows"),
         offset := ir.node("Mul", [rows.outputs[0], s.outputs[0]], name=p + "row_offset"),
-        flat_idx := ir.node("Add", [offset.outputs[0], idx.outputs[0]], name=p + "flat_index"),
-        flat := ir.node("Reshape", [hidden, flat_shape], name=p + "flatten"),
-        pick := ir.node("Gather", [flat.outputs[0], flat_idx.outputs[0]], {"axis": 0}, name=p + "gather"),
-        last := ir.node("Unsqueeze", [pick.outputs[0], one], name=p + "unsqueeze"),
+        row_col := ir.node("Unsqueeze", [offset.outputs[0], one], name=p + "row_offset_column"),      # [B, 1]
+        flat_idx := ir.node("Add", [row_col.outputs[0], idx.outputs[0]], name=p + "flat_index"),     # [B, K]
+        flat_list := ir.node("Reshape", [flat_idx.outputs[0], minus_one], name=p + "flat_indices"),  # [B*K]
+        flat := ir.node("Reshape", [hidden, flat_shape], name=p + "flatten"),                         # [B*S, H]
+        pick := ir.node("Gather", [flat.outputs[0], flat_list.outputs[0]], {"axis": 0}, name=p + "gather"),
+        shape := ir.node("Concat", [minus_one, keep, size_1], {"axis": 0}, name=p + "out_shape"),
+        # Reshape(Gather(Reshape(hidden))): check/parity_sides.full_logits walks back this chain.
+        out := ir.node("Reshape", [pick.outputs[0], shape.outputs[0]], name=p + "unflatten"),        # [B, K, H]
     ]
-    last.outputs[0].name = LAST_HIDDEN
+    out.outputs[0].name = LAST_HIDDEN
     graph.insert_before(head, nodes)
-    head.replace_input_with(0, last.outputs[0])
+    head.replace_input_with(0, out.outputs[0])
+    # The output is declared [B, 1, V]: what a caller that never feeds logits_to_keep receives, and
+    # what onnxruntime-genai sizes its logits buffer from (given a symbolic dim it allocates [B, S, V]
+    # and ONNX Runtime refuses the [B, 1, V] result). A K > 1 run returns [B, K, V] all the same.
+    if head.outputs[0] is not logits and head.outputs[0].shape is not None:
+        head.outputs[0].shape = ir.Shape([logits.shape[0], ir.SymbolicDim(LOGITS_TO_KEEP), logits.shape[-1]])
     logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[-1]])

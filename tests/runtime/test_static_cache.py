@@ -246,3 +246,39 @@ def test_rewind_per_row_and_past_the_start(static_gen):
             before[0].tolist(), before[1].tolist(), before[2])
     cache.rewind(cache.lengths.tolist())
     assert cache.width == 0 and not cache.mask.any()
+
+
+def test_append_keeps_the_last_k_positions_in_one_call(static_gen):
+    """append(rows, keep=K) returns [B, K, V]: a chunk's last K positions, the same as feeding its
+    tokens one step at a time; on a graph edited to return every position (parity's), the same
+    positions picked on the host; a K past the chunk repeats its first; the next step reads one
+    position again."""
+    from edgellama import folder as model_folder
+    from edgellama.check.parity_sides import full_logits
+
+    model = static_gen.model
+    prompt, chunk = PROMPTS[0], [3, 4, 5, 6]
+    one_by_one = StaticCache(model, 1, 32)
+    one_by_one.prefill([prompt])
+    want = np.stack([one_by_one.step(np.array([t]))[0].copy() for t in chunk])
+    cache = StaticCache(model, 1, 32)
+    assert cache.keeps
+    cache.prefill([prompt])
+    got = cache.append([chunk], keep=3)
+    assert got.shape == (1, 3, model.config.vocab_size)
+    np.testing.assert_allclose(got[0], want[1:], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cache.step(np.array([7]))[0], one_by_one.step(np.array([7]))[0], atol=1e-4, rtol=0)
+    cache.rewind(5)
+    clamped = cache.append([chunk], keep=6)[0]
+    np.testing.assert_array_equal(clamped[:3], np.repeat(clamped[2:3], 3, axis=0))
+    np.testing.assert_allclose(clamped[2:], want, atol=1e-4, rtol=0)
+    with pytest.raises(RuntimeInputError, match="cannot keep the logits of 0 positions"):
+        cache.append([[3]], keep=0)
+
+    full = OrtModel(model.folder, provider="cpu",
+                    proto=full_logits(model_folder.load_model_proto(model.folder, with_weights=False)))
+    rows = [PROMPTS[0], PROMPTS[2]]
+    on_host = StaticCache(full, 2, 32)
+    in_graph = StaticCache(model, 2, 32)
+    assert not on_host.last_only and in_graph.last_only
+    np.testing.assert_allclose(on_host.append(rows, keep=4), in_graph.append(rows, keep=4), atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from edgellama.errors import ExportError
 from edgellama.export import model as M
 from edgellama.export.lower import lower, lower_ort, lower_with_report
 from edgellama.export.lower.engine import Context
-from edgellama.export.lower.ort_static import SEQLENS_K, StaticKvCache
+from edgellama.export.lower.ort_static import LOGITS_TO_KEEP, SEQLENS_K, StaticKvCache
 from edgellama.export.lower.targets import default_kv_cache
 from tests.conftest import left_padded_batch, ort_session
 from tests.export.lower.conftest import LAYERS, TOL, ops
@@ -50,7 +50,9 @@ def test_op_counts_before_and_after(portable_fp32):
     present = next(v for v in static.graph.outputs if v.name == "present.0.key")
     assert str(past.shape[2]) == str(present.shape[2]) == "max_sequence"
     logits = next(v for v in static.graph.outputs if v.name == "logits")
-    assert logits.shape[1] == 1
+    assert logits.shape[1] == 1                      # what genai allocates; K > 1 on request
+    keep = static.graph.initializers[LOGITS_TO_KEEP]
+    assert keep in static.graph.inputs and keep.const_value.numpy().tolist() == [1]
     assert not any(name.endswith(("q_proj.weight", "k_proj.weight")) for name in static.graph.initializers)
 
 
@@ -96,6 +98,39 @@ def test_right_padded_batch_in_place_matches_torch(portable_fp32, tmp_path):
     # the buffers themselves hold the cache; row 1 (5 tokens + 3 steps, its prompt padded to 9 in
     # the prefill) wrote nothing past slot 8
     assert np.abs(buffers[0][1, :, :8]).min(axis=-1).max() > 0 and np.abs(buffers[0][1, :, 9:]).sum() == 0
+
+
+def test_logits_to_keep_returns_the_last_k_real_positions_per_row(portable_fp32, tmp_path):
+    """A right-padded prompt batch fed `logits_to_keep` = K returns each row's last K real
+    positions (a row shorter than K repeats its first), equal to torch's; not fed, one position;
+    the LM head never sees the padding."""
+    model, fresh = portable_fp32
+    cfg = model.config
+    sess = ort_session(lower(fresh(), target="ort", kv_cache="static"), tmp_path)
+    assert LOGITS_TO_KEEP not in [i.name for i in sess.get_inputs()]
+    assert [i.name for i in sess.get_overridable_initializers()] == [LOGITS_TO_KEEP]
+    ids_left, mask_left = left_padded_batch(cfg.vocab_size, lengths=(9, 2, 6))
+    lengths = [int(n) for n in mask_left.sum(1)]
+    ids = np.zeros((3, max(lengths)), np.int64)
+    for b in range(3):
+        ids[b, :lengths[b]] = ids_left[b, mask_left[b].bool()].numpy()
+    with torch.no_grad():
+        want, _ = model(ids_left, mask_left, M.positions_from_mask(mask_left, ids_left.shape[1]), model.empty_cache(3))
+    width = ids_left.shape[1]
+
+    def buffers():
+        return [np.zeros((3, cfg.num_key_value_heads, 16, cfg.head_dim), np.float32) for _ in range(2 * LAYERS)]
+
+    feeds = static_feeds(cfg, ids, lengths, buffers())
+    assert sess.run(["logits"], feeds)[0].shape == (3, 1, cfg.vocab_size)
+    for k in (1, 3):
+        got = sess.run(["logits"], {**static_feeds(cfg, ids, lengths, buffers()),
+                                    LOGITS_TO_KEEP: np.array([k], np.int64)})[0]
+        assert got.shape == (3, k, cfg.vocab_size)
+        for b, n in enumerate(lengths):
+            # left-padded torch row b: its real positions are the last n slots
+            slots = [width - n + max(p, 0) for p in range(n - k, n)]
+            np.testing.assert_allclose(got[b], want[b, slots].numpy(), atol=TOL, rtol=0)
 
 
 def test_full_logits_option(portable_fp32):

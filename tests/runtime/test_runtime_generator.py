@@ -8,7 +8,7 @@ import concurrent.futures
 import numpy as np
 import pytest
 
-from edgellama.errors import RuntimeInputError
+from edgellama.errors import ModelFolderError, RuntimeInputError
 from edgellama.runtime import kv_loop
 from edgellama.runtime.generator import Generator
 from edgellama.runtime.session import OrtModel
@@ -146,3 +146,167 @@ def test_public_names_import_from_the_package():
     from edgellama.check.parity import run_parity as rp
 
     assert run_parity is rp and "run_parity" not in rt.__all__
+
+
+# -- issue 14: options, results, streams ----------------------------------------------------------
+def softmax_log(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("extra", [{}, {"temperature": 0.8, "seed": 3, "repetition_penalty": 1.7}])
+def test_logprobs_are_the_raw_model_log_softmax(toy, model, extra):
+    res = Generator(model).generate_ids([5, 7, 9], max_new_tokens=8, eos=False, logprobs=3, **extra)[0]
+    ids = [5, 7, 9]
+    assert len(res.logprobs) == len(res.token_ids) == 8
+    for t, lp in zip(res.token_ids, res.logprobs):
+        arr = np.array([ids])
+        ref = softmax_log(toy_reference(arr, np.ones_like(arr), toy)[0, -1])
+        order = np.argsort(-ref, kind="stable")[:3]
+        assert lp.token_id == t and lp.logprob == pytest.approx(ref[t], abs=1e-4)
+        assert [i for i, _ in lp.top] == order.tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], ref[order], atol=1e-4)
+        ids.append(t)
+
+
+def test_repetition_penalty_equals_transformers(text_folders):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(text_folders["hf"])
+    gen = Generator(text_folders["dynamic"], provider="cpu")
+    ids = gen.encode("The cat sat", chat=True)
+    plain = gen.generate_ids(ids, max_new_tokens=24, eos=False)[0].token_ids
+    for penalty in (1.3, 2.0, 0.7):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, repetition_penalty=penalty,
+                              eos_token_id=None, pad_token_id=0)
+        ours = gen.generate_ids(ids, max_new_tokens=24, eos=False, repetition_penalty=penalty)[0].token_ids
+        assert ours == out[0, len(ids):].tolist()
+        assert ours != plain                                  # the penalty changed the answer
+
+
+def test_generation_config_gives_defaults_and_arguments_win(tmp_path):
+    import json
+    import warnings
+
+    folder = build_toy(tmp_path / "toy", seed=4)
+    plain = Generator(folder, provider="cpu")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.9, "top_k": 5, "repetition_penalty": 1.2, "eos_token_id": [7, 2]}))
+    gen = Generator(folder, provider="cpu")
+    assert gen.generation_defaults == {"temperature": 0.9, "top_k": 5, "top_p": 1.0, "repetition_penalty": 1.2}
+    assert 7 in gen.stop_ids and 7 not in plain.stop_ids
+    r = gen.generate_ids([3, 4], max_new_tokens=10, seed=5, eos=False)[0]
+    assert r.defaults == ["repetition_penalty", "temperature", "top_k", "top_p"]
+    same = plain.generate_ids([3, 4], max_new_tokens=10, seed=5, eos=False, temperature=0.9, top_k=5,
+                              repetition_penalty=1.2)[0]
+    assert r.token_ids == same.token_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = gen.generate_ids([3, 4], max_new_tokens=10, eos=False, temperature=0.0)[0]   # an argument wins
+    assert "temperature" not in g.defaults and g.seed is None
+    assert g.token_ids == plain.generate_ids([3, 4], max_new_tokens=10, eos=False, repetition_penalty=1.2)[0].token_ids
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": "hot"}))
+    with pytest.raises(ModelFolderError, match="temperature must be a number"):
+        Generator(folder, provider="cpu")
+
+
+def test_capped_says_how_much_max_new_tokens_was_cut(model):
+    res = Generator(model).generate_ids(list(range(3, 11)) * 3, max_new_tokens=100, eos=False)[0]
+    assert res.capped == 100 - (model.max_positions - 24) and res.prefill_tokens == 24
+    assert Generator(model).generate_ids([3], max_new_tokens=4, eos=False)[0].capped == 0
+
+
+def test_eos_result_names_the_token(model):
+    gen = Generator(model)
+    free = gen.generate_ids([5, 7, 9], max_new_tokens=20, eos=False)[0].token_ids
+    gen.stop_ids = frozenset({free[3]})
+    res = gen.generate_ids([5, 7, 9], max_new_tokens=20)[0]
+    assert (res.finish_reason, res.stop_reason) == ("stop", free[3])
+
+
+def test_greedy_with_top_p_warns_and_stop_bool_is_deprecated(model):
+    gen = Generator(model)
+    with pytest.warns(UserWarning, match="top_p with temperature 0: the call is greedy"):
+        gen.generate_ids([3], max_new_tokens=2, top_p=0.5)
+    with pytest.warns(DeprecationWarning, match="eos="):
+        old = gen.generate_ids([5, 7, 9], max_new_tokens=6, stop=False)[0]
+    assert old.token_ids == gen.generate_ids([5, 7, 9], max_new_tokens=6, eos=False)[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs,match", [({"temprature": 1.0}, "unknown generation option 'temprature'"),
+                                          ({"repetition_penalty": 0}, "repetition_penalty"),
+                                          ({"logprobs": -1}, "logprobs"), ({"eos": "no"}, "eos"),
+                                          ({"regex": "a", "grammar": "b"}, "at most one constraint")])
+def test_bad_options_are_typed_errors(model, kwargs, match):
+    with pytest.raises(RuntimeInputError, match=match):
+        Generator(model).generate_ids([3], **kwargs)
+
+
+def test_options_object_and_overrides(model):
+    from edgellama.runtime import GenerationOptions
+
+    gen = Generator(model)
+    opts = GenerationOptions(max_new_tokens=5, eos=False, temperature=1.1, seed=2)
+    a = gen.generate_ids([4, 5], options=opts)[0]
+    b = gen.generate_ids([4, 5], options=opts, seed=2, max_new_tokens=7)[0]
+    assert len(a.token_ids) == 5 and b.token_ids[:5] == a.token_ids and len(b.token_ids) == 7
+
+
+def test_stream_is_an_object_with_a_result(model):
+    gen = Generator(model)
+    full = gen.generate_ids([5, 7, 9], max_new_tokens=10, eos=False)[0]
+    s = gen.stream_ids([5, 7, 9], max_new_tokens=10, eos=False)
+    steps = sum(1 for _ in s)                 # no tokenizer: no text, the tokens still run
+    assert steps == 0 and s.result.token_ids == full.token_ids and s.result.finish_reason == "length"
+    s = gen.stream_ids([5, 7, 9], max_new_tokens=10, eos=False)
+    r = s.result                              # read before iterating: the call is closed, nothing ran
+    assert r.finish_reason == "cancelled" and r.token_ids == []
+
+
+def test_stream_text_result_after_a_break_and_the_deprecated_list(text_folders):
+    gen = Generator(text_folders["dynamic"], provider="cpu")
+    full = gen.generate("The cat sat", max_new_tokens=20, eos=False)
+    s = gen.stream("The cat sat", max_new_tokens=20, eos=False)
+    got = []
+    for piece in s:
+        got.append(piece)
+        if len(got) == 3:
+            break
+    r = s.result
+    assert r.finish_reason == "cancelled" and r.token_ids == full.token_ids[:len(r.token_ids)]
+    assert "".join(got) == r.text and 3 <= len(r.token_ids) < 20
+    done = []
+    with pytest.warns(DeprecationWarning, match=r"\.result"):
+        pieces = list(gen.stream("The cat sat", max_new_tokens=20, eos=False, result=done))
+    assert "".join(pieces) == full.text == done[0].text
+    with pytest.raises(RuntimeInputError, match="streams one prompt"):
+        gen.stream(["a", "b"])
+
+
+def test_cpu_notice_goes_through_logging(monkeypatch, caplog):
+    import logging
+
+    import onnxruntime
+
+    from edgellama.runtime import session as S
+
+    monkeypatch.setattr(S, "cuda_status", lambda: (False, "no GPU in this test"))
+    real = onnxruntime.get_available_providers
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: list(dict.fromkeys(["CUDAExecutionProvider", *real()])))
+    logger = logging.getLogger("edgellama.runtime.session")
+    monkeypatch.setattr(logger, "propagate", True)          # let caplog see it
+    with caplog.at_level(logging.WARNING, logger="edgellama"):
+        assert S.resolve_provider("auto") == "cpu"
+    assert [r.getMessage() for r in caplog.records if "running on CPU" in r.getMessage()]
+    caplog.clear()
+    package = logging.getLogger("edgellama")
+    before = package.level
+    package.setLevel(logging.ERROR)                           # an application silences it
+    try:
+        S.resolve_provider("auto")
+    finally:
+        package.setLevel(before)
+    assert not [r for r in caplog.records if "running on CPU" in r.getMessage()]

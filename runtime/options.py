@@ -118,11 +118,12 @@ class GenerationOptions:
             given["eos"] = given.pop("stop")
         given = {k: v for k, v in given.items() if v is not None}   # None: not given
         taken = {k: v for k, v in (defaults or {}).items() if k in fields and k not in given}
-        greedy_filters = [k for k in ("top_k", "top_p") if k in given and given[k] not in (0, 1, 1.0)]
-        if greedy_filters and given.get("temperature", taken.get("temperature", 0.0)) == 0:
+        options = cls(**taken, **given, defaults=tuple(sorted(taken)))
+        greedy_filters = [k for k in ("top_k", "top_p") if k in given and given[k] not in (0, 1)]
+        if greedy_filters and options.temperature == 0:
             warnings.warn(f"{' and '.join(greedy_filters)} with temperature 0: the call is greedy (give a "
                           "temperature > 0 to sample)", UserWarning, stacklevel=_caller())
-        return cls(**taken, **given, defaults=tuple(sorted(taken)))
+        return options
 
 
 def _caller() -> int:

@@ -1,11 +1,11 @@
 """Admission and the worker threads: each generation runs on its own thread, its text pieces handed to
-the event loop as they come; a bounded queue in front; cancellation between pieces.
+the event loop as they come; a bounded queue in front; cancellation between tokens.
 
 A loaded Generator serves concurrent calls (each call keeps its cache and random generator to
 itself), so requests need no lock around the model: `parallel` worker threads run at once, at most
 `queue` more wait for one, and a request beyond that is refused with 429 rather than queued without
 bound. A slot is freed when its thread ends, which a client's disconnect or the request's deadline
-brings about at the next text piece (the generator is closed there, so its KV cache goes with it).
+brings about at the next token (the generator is closed there, so its KV cache goes with it).
 """
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ PIECE, DONE, ERROR = "piece", "done", "error"
 
 
 class Job:
-    """One generation on a worker thread. `start()` (run there) returns an iterable with `close()` and
-    `result()`; `events` gets (PIECE, item)..., then (DONE, result) or (ERROR, exception). `cancel()`
-    stops it at its next piece; the slot is released when the thread ends."""
+    """One generation on a worker thread. `start()` (run there) returns an iterable of (text, logprobs)
+    per token with `close()` and `result()`; `events` gets (PIECE, item) for each non-empty item, then
+    (DONE, result) or (ERROR, exception). `cancel()` stops it at its next token; the slot is released
+    when the thread ends."""
 
     def __init__(self, start: Callable[[], Any], *, admission: Admission, deadline: float):
         self._start = start
@@ -112,7 +113,8 @@ class Job:
                         stats.timed_out += 1
                         self._emit(ERROR, timeout_error())
                         return
-                    self._emit(PIECE, item)
+                    if item[0] or item[1]:
+                        self._emit(PIECE, item)
             finally:
                 running.close()     # ends the call at once on an early return (its cache goes with it)
             res = running.result()

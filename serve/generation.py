@@ -33,16 +33,25 @@ class Call:
 
 
 class Running:
-    """A started Stream as (text piece, logprobs of the tokens since the last piece) pairs. Stop strings
-    hold text back, so a piece may come after its tokens; the rest come with the result."""
+    """A started call as one (text piece, logprobs of the tokens since the last item) pair per token: the
+    piece is often "" (a character still incomplete, text held back for a stop string), but the worker
+    sees every token, so a cancel or a deadline takes effect at the next token, not the next piece.
+    Driven the way `Stream` drives its call; the Stream keeps the result (finish "cancelled" when closed
+    early)."""
 
     def __init__(self, stream: Any):
         self.stream = stream
+        self._steps = self._run()
         self._seen = 0
 
+    def _run(self) -> Iterator[tuple[str, list]]:
+        call = self.stream.call
+        for _ in call.steps():
+            yield call.take_text(0), self.new_logprobs()
+        yield call.take_text(0, final=True), self.new_logprobs()
+
     def __iter__(self) -> Iterator[tuple[str, list]]:
-        for piece in self.stream:
-            yield piece, self.new_logprobs()
+        return self._steps
 
     def new_logprobs(self) -> list:
         rows = self.stream.call.logprobs
@@ -53,6 +62,7 @@ class Running:
         return fresh
 
     def close(self) -> None:
+        self._steps.close()
         self.stream.close()
 
     def result(self) -> Any:
@@ -87,6 +97,8 @@ def plan(model: ServedModel, req: ChatRequest | CompletionRequest) -> Call:
     if chat and req.response_format is not None and req.response_format.type != "text":
         fmt = req.response_format
         kwargs["json_schema"] = fmt.json_schema.schema_ if fmt.type == "json_schema" else _ANY_OBJECT
+    if req.ignore_eos:
+        kwargs["eos"] = False
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         gen.options(**kwargs)   # the options' own refusals (a stop string, a penalty) as a 400 here

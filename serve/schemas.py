@@ -1,8 +1,8 @@
 """The request bodies the server accepts, as pydantic models (OpenAI's fields, checked at the door).
 
 Unknown fields are refused as OpenAI refuses them ("unrecognized request argument"), so a typo such
-as `max_token` is a 400 rather than a silently ignored limit. `top_k` and `repetition_penalty` are
-extensions that vLLM and llama.cpp's server accept too. An omitted sampling field takes the
+as `max_token` is a 400 rather than a silently ignored limit. `top_k`, `repetition_penalty` and `ignore_eos`
+are extensions that vLLM accepts too. An omitted sampling field takes the
 Generator's default (the folder's generation_config.json when it has one, else greedy), not
 OpenAI's temperature 1.0: a local model's own defaults are what its card was tuned for.
 """
@@ -49,6 +49,7 @@ class _Sampling(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=1 << 63)
     stop: str | list[str] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    ignore_eos: bool = False     # vLLM's extension: generate max_tokens whatever the model's EOS says
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")

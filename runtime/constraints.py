@@ -66,6 +66,7 @@ class TokenConstraint:
         self.what = what                       # "JSON schema", "regex", "grammar": for messages
         self._words = (tokenizer.vocab_size + 31) // 32   # int32 words of llguidance's bitmask
         self._tokens: list[int] = []
+        self._state()
         self._pending: Future | None = None
         self._mask: np.ndarray | None = None   # the current state's mask, until the next accept/rollback
 
@@ -104,6 +105,11 @@ class TokenConstraint:
             raise RuntimeInputError(self._nothing_allowed())
         return self._mask.copy()
 
+    def _state(self) -> None:
+        # Read while no mask is in flight: the worker holds the matcher during a computation, and
+        # a generation loop asks is_finished() right after accept(), before the forward pass.
+        self._stopped, self._accepting = bool(self._matcher.is_stopped()), bool(self._matcher.is_accepting())
+
     def _nothing_allowed(self) -> str:
         return (f"the {self.what} constraint allows no token of this model's vocabulary after "
                 f"{len(self._tokens)} tokens; nothing that matches it can be generated")
@@ -115,6 +121,7 @@ class TokenConstraint:
         self._matcher = llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0)
         if self._tokens and not self._matcher.consume_tokens(self._tokens):
             raise RuntimeInputError(f"the {self.what} constraint failed: {one_line(self._matcher.get_error())}")
+        self._state()
 
     # -- moving -------------------------------------------------------------------------------------
     def accept(self, token_id: int) -> None:
@@ -135,17 +142,19 @@ class TokenConstraint:
             self._revive()
             raise RuntimeInputError(f"the {self.what} constraint failed: {one_line(reason)}")
         self._tokens.append(token)
-        self._prefetch()
+        self._state()
+        if self._stopped:
+            self._mask = None      # only EOS is left: computed if asked for
+        else:
+            self._prefetch()
 
     def is_finished(self) -> bool:
         """The grammar is complete: nothing but end-of-sequence can follow (or EOS was accepted)."""
-        self._settle()
-        return bool(self._matcher.is_stopped())
+        return self._stopped
 
     def is_accepting(self) -> bool:
         """What was accepted so far is a complete match (generation may stop here)."""
-        self._settle()
-        return bool(self._matcher.is_accepting())
+        return self._accepting
 
     def rollback(self, n: int) -> None:
         """Undo the last `n` accepted tokens."""
@@ -158,7 +167,9 @@ class TokenConstraint:
             return
         self._mask = None
         del self._tokens[len(self._tokens) - int(n):]
-        if not self._matcher.rollback(int(n)):
+        if self._matcher.rollback(int(n)):
+            self._state()
+        else:
             self._revive()
 
     @property

@@ -1,7 +1,8 @@
 """runtime/constraints.py: llguidance's token mask checked against Python's `re` on a small BPE
 vocabulary (every state of every path), refusals that leave the constraint usable, rollback, bad
-grammars in one line, and JSON schemas that a greedy or sampled random-weight tiny model then
-follows (output parsed and validated with `jsonschema`); slow: sampled smollm2 generations."""
+grammars in one line, and JSON schemas that a greedy or sampled random-weight tiny model follows
+through Generator.generate(json_schema=) (output parsed and validated with `jsonschema`); slow:
+sampled smollm2 generations."""
 
 from __future__ import annotations
 
@@ -179,48 +180,21 @@ def test_bad_tokenizer_and_ids_are_one_line(tok):
         assert "\n" not in str(err.value)
 
 
-# -- a model following a schema -----------------------------------------------------------------------
-def constrained_run(gen, prompt_ids, constraint, *, max_new: int, temperature: float = 0.0, seed: int = 0):
-    """Token ids from the Generator's model and cache loop, each step's logits masked by `constraint`
-    (EOS ends the run and is not returned)."""
-    from edgellama.runtime import kv_loop
-    from edgellama.runtime.sampling import SamplingParams, next_tokens
-
-    model, params = gen.model, SamplingParams(temperature=temperature)
-    rng = np.random.default_rng(seed)
-    loop = kv_loop.make_loop(model, 1, mode=gen.loop_mode, capacity=len(prompt_ids) + max_new)
-    ids = np.array([prompt_ids], np.int64)
-    mask, pos = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-    out: list[int] = []
-    for _ in range(max_new):
-        logits = loop.step(ids, mask, pos)[0].copy()
-        logits[~constraint.allowed()] = -np.inf
-        token = int(next_tokens(logits[None], params, rng)[0])
-        constraint.accept(token)
-        if token in gen.stop_ids:
-            return out
-        out.append(token)
-        ids, pos = np.array([[token]], np.int64), pos[:, -1:] + 1
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-    raise AssertionError(f"no end of sequence within {max_new} tokens: {gen.decode(out)!r}")
-
-
+# -- a model following a schema, through Generator.generate(json_schema=) ----------------------------
 @pytest.fixture(scope="module")
 def tiny_gen(tmp_path_factory):
     pytest.importorskip("torch")
     from edgellama.export.onnx_export import export_model
     from edgellama.runtime.generator import Generator
 
-    return Generator(export_model("tiny", tmp_path_factory.mktemp("constraints") / "tiny", target="ort",
-                                  kv_cache="dynamic", force=True), provider="cpu")
+    return Generator(export_model("tiny", tmp_path_factory.mktemp("constraints") / "tiny", target="ort", force=True),
+                     provider="cpu")
 
 
-def person(gen, *, temperature: float, seed: int) -> str:
-    c = build_constraint(tokenizer=gen.tokenizer, vocab_size=gen.config.vocab_size, eos_ids=sorted(gen.stop_ids),
-                         json_schema=PERSON)
-    ids = constrained_run(gen, gen.encode("A person as JSON:"), c, max_new=120, temperature=temperature, seed=seed)
-    assert c.is_finished()
-    return gen.decode(ids)
+def person(gen, prompt: str, *, temperature: float, seed: int, max_new_tokens: int = 120) -> str:
+    res = gen.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, json_schema=PERSON)
+    assert res.finish_reason == "stop", res.text      # the schema closed before the length cap
+    return res.text
 
 
 def test_greedy_random_model_follows_a_json_schema(tiny_gen):
@@ -229,17 +203,24 @@ def test_greedy_random_model_follows_a_json_schema(tiny_gen):
     free = tiny_gen.generate("A person as JSON:", max_new_tokens=40).text
     with pytest.raises(json.JSONDecodeError):   # unconstrained, the random model writes no JSON
         json.loads(free)
-    text = person(tiny_gen, temperature=0.0, seed=0)
-    jsonschema.validate(json.loads(text), PERSON)
+    jsonschema.validate(json.loads(person(tiny_gen, "A person as JSON:", temperature=0.0, seed=0)), PERSON)
 
 
 def test_sampled_random_model_follows_a_json_schema(tiny_gen):
     import jsonschema
 
-    texts = [person(tiny_gen, temperature=1.0, seed=s) for s in range(5)]
+    texts = [person(tiny_gen, "A person as JSON:", temperature=1.0, seed=s) for s in range(5)]
     for text in texts:
         jsonschema.validate(json.loads(text), PERSON)
     assert len(set(texts)) > 1      # sampling did sample
+
+
+def test_a_regex_and_a_bad_schema_through_the_generator(tiny_gen):
+    text = tiny_gen.generate("Digits:", max_new_tokens=20, temperature=1.0, seed=3, regex=r"[0-9]{3}-[0-9]{2}").text
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{2}", text)
+    with pytest.raises(RuntimeInputError, match="invalid JSON schema"):
+        tiny_gen.generate("x", max_new_tokens=4, json_schema={"type": "strange"})
+    assert tiny_gen.generate("x", max_new_tokens=4, regex="ab").text == "ab"   # the generator is still usable
 
 
 @pytest.mark.slow
@@ -251,9 +232,7 @@ def test_smollm2_sampled_json_all_validate(tmp_path_factory):
 
     gen = Generator(export_model("smollm2", tmp_path_factory.mktemp("constraints") / "smollm2", target="ort",
                                  force=True), provider="cpu")
-    prompt = gen.encode("Describe a person as JSON with a name and an age.", chat=True)
     for seed in range(12):     # bench/constraints.py runs 50
-        c = build_constraint(tokenizer=gen.tokenizer, vocab_size=gen.config.vocab_size,
-                             eos_ids=sorted(gen.stop_ids), json_schema=PERSON)
-        text = gen.decode(constrained_run(gen, prompt, c, max_new=96, temperature=1.0, seed=seed))
+        text = gen.generate("Describe a person as JSON with a name and an age.", chat=True, max_new_tokens=96,
+                            temperature=1.0, seed=seed, json_schema=PERSON).text
         jsonschema.validate(json.loads(text), PERSON)

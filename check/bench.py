@@ -388,8 +388,22 @@ _HEADROOM = 1.35
 
 
 def plot(rows: Sequence[Row], path: Path, *, title: str | None = None) -> Path:
+    """`figure(rows, title=title)` saved to `path` (its suffix picks the format); returns `path`."""
+    plt = _pyplot()
+    fig = figure(rows, title=title)
+    path = Path(path)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise EdgellamaError(f"cannot write the plot {path}: {e}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def figure(rows: Sequence[Row], *, title: str | None = None) -> Any:
     """A bar chart of decode tokens/s per runner, values on the bars, each bar's memory-bandwidth
-    bound marked over it (needs matplotlib). `title` (the benchmark's settings) goes under the
+    bound marked over it (a matplotlib Figure). `title` (the benchmark's settings) goes under the
     chart's own title."""
     plt = _pyplot()
     speeds = [r.decode_tokens_per_s for r in rows]
@@ -421,10 +435,7 @@ def plot(rows: Sequence[Row], path: Path, *, title: str | None = None) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _tick_text(row: Row) -> str:

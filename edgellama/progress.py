@@ -101,9 +101,19 @@ class Progress:
         fmt = ("{desc} {bar:24} {n_fmt}/{total_fmt} {elapsed} elapsed, ~{remaining} left" if total
                else "{desc} ... {elapsed} elapsed")
         meter = tqdm(total=total or None, desc=PREFIX + what, file=self.stream, leave=False,
-                     bar_format=fmt, mininterval=0.1, dynamic_ncols=True, ascii=" #")
+                     bar_format=fmt, mininterval=0.1, ascii=" #", **_screen(self.stream))
         self._meter = meter
         return meter, _Ticker(meter.refresh, self.tick_s)
+
+
+def _screen(stream: TextIO) -> dict[str, int]:
+    """The terminal's size for tqdm, 100 x 24 where it reports 0 (a pseudo-terminal nobody sized):
+    tqdm would cut the line to nothing and hide a bar below row 0."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        return {"ncols": size.columns or 100, "nrows": size.lines or 24}
+    except (AttributeError, OSError, ValueError):
+        return {"ncols": 100, "nrows": 24}
 
 
 class _Ticker:

@@ -17,7 +17,7 @@ from edgellama.errors import CheckFailed, EdgellamaError
 
 # One module per subcommand under edgellama.cli; each has a docstring (its help), `add_arguments`
 # and `run(args) -> int`. Imported lazily so `edgellama --help` never loads torch.
-SUBCOMMANDS = ("export", "inspect", "quantize", "generate", "bench", "parity", "serve", "sweep")
+SUBCOMMANDS = ("export", "inspect", "quantize", "generate", "chat", "bench", "parity", "serve", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +42,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _format_action(self, action: argparse.Action) -> str:
         if not action.help and _shows_default(action):   # argparse prints nothing after an option without help
             action = copy.copy(action)
-            action.help = " "
+            action.help = self._get_help_string(action)
         return super()._format_action(action)
 
 

@@ -73,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
                                decode_steps=args.decode_steps, tolerances=overrides, precision=args.precision,
                                localize_failures=not args.no_localize, threads=args.threads,
                                progress=Progress(enabled=not args.quiet))
-    report = json_object("parity", report)
+    report = json_object("parity", report, version=report["schema_version"])
     parity_report.write(report, json_path=json_file, markdown_path=args.markdown)
     if to_stdout:
-        print_json("parity", report)
+        print_json("parity", report, version=report["version"])
     elif not args.quiet:
         print(parity_report.to_text(report))
     if not parity.report_passed(report):

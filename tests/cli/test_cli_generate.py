@@ -89,3 +89,72 @@ def test_generate_sampling_is_seeded(smollm2):
     a = json.loads(run_cli(*args, "--seed", "7")[1])
     b = json.loads(run_cli(*args, "--seed", "7")[1])
     assert a["token_ids"] == b["token_ids"] and a["seed"] == 7
+
+
+# -- issue 14 flags ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from edgellama.export.onnx_export import export_model
+
+    return export_model("tiny", tmp_path_factory.mktemp("gen14") / "tiny", target="ort", force=True)
+
+
+def test_json_has_the_schema_and_the_new_fields(tiny, capsys):
+    from edgellama.runtime import Generator
+
+    rc = main(["generate", str(tiny), "--prompt-ids", "5, 6,7", "--provider", "cpu", "--max-new-tokens", "6",
+               "--no-eos", "--logprobs", "2", "--repetition-penalty", "1.3", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    ref = Generator(tiny, provider="cpu").generate_ids([5, 6, 7], max_new_tokens=6, eos=False, repetition_penalty=1.3,
+                                                       logprobs=2)[0]
+    assert rc == 0 and d["schema"] == "edgellama.generate" and d["version"] >= 1
+    assert d["token_ids"] == ref.token_ids and d["finish_reason"] == "length" and d["capped"] == 0
+    assert [lp["token_id"] for lp in d["logprobs"]] == ref.token_ids and len(d["logprobs"][0]["top"]) == 2
+
+
+def test_stop_strings_from_the_command_line(tiny, capsys):
+    from edgellama.runtime import Generator
+
+    gen = Generator(tiny, provider="cpu")
+    free = gen.generate("hi", max_new_tokens=40, eos=False)
+    stop = next(free.text[i:i + 2] for i in range(len(free.text) - 1) if free.text[i:i + 2].strip())
+    rc = main(["generate", str(tiny), "--prompt", "hi", "--provider", "cpu", "--max-new-tokens", "40", "--no-eos",
+               "--stop", "never", "--stop", stop])
+    out = capsys.readouterr().out
+    assert rc == 0 and out == free.text[:free.text.index(stop)] + "\n"
+
+
+def test_prompt_ids_without_a_tokenizer_print_ids(tmp_path, capsys):
+    from edgellama.runtime import Generator
+
+    toy = build_toy(tmp_path / "toy", seed=4)
+    rc = main(["generate", str(toy), "--prompt-ids", "5,7,9", "--provider", "cpu", "--max-new-tokens", "4", "--no-eos"])
+    ids = Generator(toy, provider="cpu").generate_ids([5, 7, 9], max_new_tokens=4, eos=False)[0].token_ids
+    assert rc == 0 and capsys.readouterr().out.strip() == ",".join(map(str, ids))
+
+
+@pytest.mark.parametrize("extra,words", [(["--stop", ""], "stop string cannot be empty"),
+                                         (["--regex", "[a-"], "invalid regex"),
+                                         (["--json-schema", "MISSING"], "not a readable JSON schema"),
+                                         (["--prompt-ids", "1,x"], "comma-separated token ids"),
+                                         (["--logprobs", "-1"], "logprobs"),
+                                         (["--repetition-penalty", "0"], "repetition_penalty")])
+def test_bad_generation_flags_are_one_line(tiny, tmp_path, capsys, extra, words):
+    extra = [str(tmp_path / "missing.json") if a == "MISSING" else a for a in extra]
+    argv = ["generate", str(tiny), "--provider", "cpu", "--max-new-tokens", "2", *extra]
+    if "--prompt-ids" not in extra:
+        argv += ["--prompt", "hi"]
+    one_line_error(main(argv), capsys.readouterr().err, words)
+
+
+def test_json_schema_constrains_the_output(tiny, tmp_path, capsys):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "w": {"enum": ["yes", "no"]}},
+              "required": ["ok", "w"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    rc = main(["generate", str(tiny), "--prompt", "hi", "--provider", "cpu", "--max-new-tokens", "40",
+               "--json-schema", str(path), "--temperature", "1.0", "--seed", "3", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    jsonschema = pytest.importorskip("jsonschema")
+    assert rc == 0 and d["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(d["text"]), schema)

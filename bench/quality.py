@@ -36,6 +36,7 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
     from edgellama.check import quality
     from edgellama.export.onnx_export import export_model
     from edgellama.export.sources import load_model, save_hf_folder
+    from edgellama.progress import Progress
     from edgellama.quant.api import quantize_folder
 
     out = args.out / name
@@ -48,7 +49,7 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
     windows = quality.make_windows(ids, window=args.window, bos_id=tokenizer.bos_token_id)
     say(f"{name}: {len(ids)} tokens in {len(windows)} windows of <= {args.window}")
     fn = quality.torch_logits_fn(model)
-    ref = quality.evaluate(fn, windows, keep_logprobs=True)
+    ref = quality.evaluate(fn, windows, keep_logprobs=True, progress=Progress())
     rows = [{"variant": "fp32 torch (P)", "size": None, "seconds": time.perf_counter() - t0,
              "answer": quality.france_answer(fn, tokenizer), **ref.scores.to_dict()}]
     say(f"{name}: torch ppl {ref.scores.ppl:.4f}")
@@ -60,7 +61,7 @@ def run_model(name: str, source: str, *, args: argparse.Namespace, hf_folder: Pa
         try:
             fn = quality.ort_logits_fn(folder / "model.onnx", num_kv_heads=config.num_key_value_heads,
                                        head_dim=config.head_dim, threads=args.threads)
-            got = quality.evaluate(fn, windows, reference=ref.logprobs)
+            got = quality.evaluate(fn, windows, reference=ref.logprobs, progress=Progress())
             row = {"variant": variant, "size": quality.onnx_size(folder),
                    "answer": quality.france_answer(fn, tokenizer), **got.scores.to_dict()}
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others' rows

@@ -34,6 +34,7 @@ import numpy as np
 from edgellama import contract
 from edgellama.check.metrics import kl_of_logprobs, log_softmax
 from edgellama.errors import RuntimeInputError
+from edgellama.progress import SILENT, Progress
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -116,7 +117,7 @@ class Evaluation:
 
 
 def evaluate(fn: LogitsFn, windows: Sequence[np.ndarray], *, reference: Sequence[np.ndarray] | None = None,
-             keep_logprobs: bool = False) -> Evaluation:
+             keep_logprobs: bool = False, progress: Progress = SILENT) -> Evaluation:
     """Teacher-forced scores of `fn` over `windows`: one forward per window, position t predicting
     token t+1. With `reference` (another evaluation's kept log-probs, P), also KL(P || fn) and top-1."""
     if reference is not None and len(reference) != len(windows):
@@ -124,7 +125,7 @@ def evaluate(fn: LogitsFn, windows: Sequence[np.ndarray], *, reference: Sequence
     nll = kl = 0.0
     hits = n = 0
     kept = [] if keep_logprobs else None
-    for w, ids in enumerate(windows):
+    for w, ids in enumerate(progress.track(windows, f"score {len(windows)} windows")):
         logits = np.asarray(fn(ids))
         if logits.shape[:2] != ids.shape:
             raise ValueError(f"logits of shape {logits.shape} for input ids {ids.shape}")

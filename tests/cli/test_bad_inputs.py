@@ -208,12 +208,17 @@ CASES = [
     (["parity", "{tiny}", "--prompts", "{case}/empty.txt", "--quiet"], "has no prompts", write("empty.txt", b"\n\n")),
     (["parity", "{tiny}", "--precision", "int3", "--quiet"], "invalid choice", nothing),
     (["parity", "{case}/missing", "--quiet"], "no such directory", nothing),
+    (["parity", "{tiny}", "--json", "{case}/missing/r.json"], "does not exist", nothing),
+    (["parity", "{tiny}", "--markdown", "{case}/missing/r.md"], "does not exist", nothing),
+    (["parity", "{tiny}", "--json", "{case}"], "is a folder", nothing),
     # bench
     (["bench", "{case}/missing", "--quiet"], "no such directory", nothing),
     (["bench", "{toy}", "--against", "llama.cpp", "--quiet"], "unknown --against", nothing),
     (["bench", "{toy}", "--new-tokens", "1", "--runs", "1", "--quiet"], "--new-tokens must be at least 2", nothing),
     (["bench", "{toy}", "--runs", "x"], "invalid int", nothing),
     (["bench", "{toy}", "--loop", "bogus"], "invalid choice", nothing),
+    (["bench", "{tiny}", "--plot", "{case}/missing/b.png"], "--plot", nothing),
+    (["bench", "{tiny}", "--plot", "{case}/b.notanimage"], "--plot", nothing),
 ]
 
 

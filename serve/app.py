@@ -44,7 +44,9 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings | None = 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(models), **admission.snapshot()}
+        return {"status": "ok", "models": list(models), **admission.snapshot(),
+                "chat_sessions": {n: len(m.chats) if m.chats else 0 for n, m in models.items()},
+                "chat_cache_hits": sum(m.chats.hits for m in models.values() if m.chats)}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -114,7 +116,8 @@ async def _complete(req: ChatRequest | CompletionRequest, request: Request, *, m
         result = event[1]
         lps = logprobs(_shown(result), decode=model.generator.decode, chat=chat) if want_logprobs else None
         return reply.full(text=result.text, finish_reason=result.finish_reason, prompt_tokens=call.prompt_tokens,
-                          completion_tokens=len(result.token_ids), logprobs=lps)
+                          completion_tokens=len(result.token_ids), logprobs=lps,
+                          cached_tokens=result.reused_tokens)
     finally:
         if job is not None:
             job.cancel()      # a no-op once the job is done; stops it when this handler ends early
@@ -173,7 +176,7 @@ async def _sse(job: Job, first: tuple[str, Any], *, reply: Reply, prompt_tokens:
                     yield reply.chunk("", first=True)
                 yield reply.chunk(None, finish_reason=value.finish_reason, logprobs=lps(_shown(value)[sent_lps:]))
                 if usage:
-                    yield reply.usage_chunk(prompt_tokens, len(value.token_ids))
+                    yield reply.usage_chunk(prompt_tokens, len(value.token_ids), value.reused_tokens)
                 yield DONE_EVENT
                 return
             event = await job.events.get()

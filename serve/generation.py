@@ -29,6 +29,11 @@ class Call:
         gen = self.model.generator
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int):
             return Running(gen.stream_ids(self.prompt, **self.kwargs))
+        if self.chat and self.model.chats is not None:
+            session = self.model.chats.session_for(self.prompt)
+            if session is not None:
+                stream = session.stream(self.prompt[-1]["content"], **self.kwargs)
+                return Running(stream, on_complete=lambda: self.model.chats.file(session))
         return Running(gen.stream(self.prompt, chat=self.chat, **self.kwargs))
 
 
@@ -39,8 +44,9 @@ class Running:
     Driven the way `Stream` drives its call; the Stream keeps the result (finish "cancelled" when closed
     early)."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Any, *, on_complete: Any = None):
         self.stream = stream
+        self._on_complete = on_complete
         self._steps = self._run()
         self._seen = 0
 
@@ -66,7 +72,10 @@ class Running:
         self.stream.close()
 
     def result(self) -> Any:
-        return self.stream.result
+        result = self.stream.result
+        if self._on_complete is not None and result.finish_reason != "cancelled":
+            self._on_complete()
+        return result
 
 
 def plan(model: ServedModel, req: ChatRequest | CompletionRequest) -> Call:

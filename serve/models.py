@@ -16,6 +16,7 @@ class ServedModel:
     folder: Path
     generator: Any          # edgellama.runtime.Generator
     created: int
+    chats: Any = None       # serve.chat_cache.ChatCache, None: no chat sessions kept
 
     @property
     def context(self) -> int:
@@ -43,13 +44,19 @@ def parse_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def load_models(specs: Sequence[str], *, provider: str = "auto", threads: int | None = None) -> dict[str, ServedModel]:
-    """Load every folder once (a folder without a tokenizer is refused: the API speaks text)."""
+def load_models(specs: Sequence[str], *, provider: str = "auto", threads: int | None = None,
+                chat_sessions: int = 4) -> dict[str, ServedModel]:
+    """Load every folder once (a folder without a tokenizer is refused: the API speaks text);
+    `chat_sessions` idle conversations are kept per model with their KV cache (0: none)."""
     from edgellama.runtime.generator import Generator
+    from edgellama.serve.chat_cache import ChatCache
 
+    if chat_sessions < 0:
+        raise EdgellamaError(f"--chat-sessions must be at least 0, got {chat_sessions}")
     models: dict[str, ServedModel] = {}
     for name, path in parse_specs(specs):
         gen = Generator(path, provider=provider, threads=threads)
         gen.tokenizer  # noqa: B018 - raises ModelFolderError now rather than on the first request
-        models[name] = ServedModel(name=name, folder=path, generator=gen, created=int(time.time()))
+        models[name] = ServedModel(name=name, folder=path, generator=gen, created=int(time.time()),
+                                   chats=ChatCache(gen, size=chat_sessions))
     return models

@@ -22,12 +22,14 @@ class Reply:
                 "system_fingerprint": None}
 
     @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+        """OpenAI's usage; `cached_tokens`: the prompt tokens a kept chat session did not prefill again."""
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
     def full(self, *, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-             logprobs: Any = None) -> dict[str, Any]:
+             logprobs: Any = None, cached_tokens: int = 0) -> dict[str, Any]:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": logprobs, "finish_reason": finish_reason}
@@ -35,7 +37,7 @@ class Reply:
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._head("text_completion")
-        return {**body, "choices": [choice], "usage": self.usage(prompt_tokens, completion_tokens)}
+        return {**body, "choices": [choice], "usage": self.usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     def chunk(self, text: str | None, *, finish_reason: str | None = None, first: bool = False,
               logprobs: Any = None) -> str:
@@ -49,10 +51,11 @@ class Reply:
             body = self._head("text_completion")
         return event({**body, "choices": [choice]})
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> str:
         """The last chunk when the client asked for `stream_options.include_usage`: no choices, the usage."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return event({**self._head(obj), "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)})
+        usage = self.usage(prompt_tokens, completion_tokens, cached_tokens)
+        return event({**self._head(obj), "choices": [], "usage": usage})
 
 
 def event(payload: dict[str, Any]) -> str:

@@ -18,7 +18,8 @@ from edgellama.serve.settings import ServeSettings
 APP_NAME = "edgellama"
 
 
-def build(specs: Sequence[str], *, replicas: int, provider: str, threads: int | None, settings: ServeSettings) -> Any:
+def build(specs: Sequence[str], *, replicas: int, provider: str, threads: int | None, settings: ServeSettings,
+          chat_sessions: int = 4) -> Any:
     """The bound deployment (`serve.run` it). GPU replicas ask Ray for one GPU each, so Ray places them
     on GPU nodes and never two on one GPU."""
     from ray import serve
@@ -35,7 +36,8 @@ def build(specs: Sequence[str], *, replicas: int, provider: str, threads: int | 
             from edgellama.serve.app import create_app
             from edgellama.serve.models import load_models
 
-            self._app = create_app(load_models(specs, provider=provider, threads=threads), settings)
+            self._app = create_app(load_models(specs, provider=provider, threads=threads,
+                                               chat_sessions=chat_sessions), settings)
 
         def __serve_build_asgi_app__(self) -> Any:
             return self._app
@@ -44,13 +46,14 @@ def build(specs: Sequence[str], *, replicas: int, provider: str, threads: int | 
 
 
 def start(specs: Sequence[str], *, replicas: int, provider: str, threads: int | None, settings: ServeSettings,
-          host: str, port: int) -> str:
+          host: str, port: int, chat_sessions: int = 4) -> str:
     """Deploy on the Ray instance this process is connected to; returns the base URL once replicas are up."""
     from ray import serve
 
     port = port or _free_port(host)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(specs, replicas=replicas, provider=provider, threads=threads, settings=settings),
+    serve.run(build(specs, replicas=replicas, provider=provider, threads=threads, settings=settings,
+                    chat_sessions=chat_sessions),
               name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host}:{port}/v1"
 
@@ -63,7 +66,7 @@ def stop() -> None:
 
 
 def serve_on_ray(specs: Sequence[str], *, address: str, replicas: int, provider: str, threads: int | None,
-                 settings: ServeSettings, host: str, port: int) -> int:
+                 settings: ServeSettings, host: str, port: int, chat_sessions: int = 4) -> int:
     """`edgellama serve --ray ADDRESS`: deploy, then wait for SIGINT/SIGTERM and remove the deployment."""
     import ray
 
@@ -72,7 +75,7 @@ def serve_on_ray(specs: Sequence[str], *, address: str, replicas: int, provider:
              ignore_reinit_error=True, log_to_driver=False)
     try:
         url = start(specs, replicas=replicas, provider=provider, threads=threads, settings=settings,
-                    host=host, port=port)
+                    host=host, port=port, chat_sessions=chat_sessions)
         print(f"edgellama: serving {', '.join(n for n, _ in parse_specs(specs))} on Ray Serve "
               f"({replicas} replica{'s' * (replicas != 1)}) at {url}", file=sys.stderr, flush=True)
         try:

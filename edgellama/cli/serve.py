@@ -5,6 +5,8 @@ name, or NAME=PATH. Routes: /v1/chat/completions and /v1/completions (stream=tru
 server-sent events), /v1/models, /health. Binds 127.0.0.1 unless --host says otherwise; with
 --api-key (or $EDGELLAMA_API_KEY) every /v1 route wants `Authorization: Bearer KEY`. --parallel
 generations run at once and --queue more wait (beyond that: 429); --timeout bounds a request.
+A client that resends a conversation this server answered reuses its KV cache (--chat-sessions
+kept per model; usage.prompt_tokens_details.cached_tokens says how many prompt tokens it saved).
 SIGINT/SIGTERM stop accepting connections and finish the replies in flight. --port 0 picks a free
 port (printed). --ray ADDRESS ("local" starts a Ray instance here; "auto" or ray://...) runs the
 same app as a Ray Serve deployment of --replicas replicas (one GPU each with --provider cuda).
@@ -30,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="generations running at once (default 4)")
     p.add_argument("--queue", type=int, default=32, metavar="N", help="requests waiting for a slot (default 32)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds per request (default 600)")
+    p.add_argument("--chat-sessions", type=int, default=4, metavar="N",
+                   help="idle conversations kept per model with their KV cache, for clients that resend them (default 4)")
     p.add_argument("--ray", default=None, metavar="ADDRESS", help="deploy on Ray Serve: local, auto or ray://host:port")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="Ray Serve replicas (with --ray)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise EdgellamaError(f"--port must be in 0..65535, got {args.port}")
+    if args.chat_sessions < 0:
+        raise EdgellamaError(f"--chat-sessions must be at least 0, got {args.chat_sessions}")
     if args.replicas < 1:
         raise EdgellamaError(f"--replicas must be at least 1, got {args.replicas}")
     if args.replicas != 1 and args.ray is None:
@@ -54,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         from edgellama.serve.ray_app import serve_on_ray
 
         return serve_on_ray(args.models, address=args.ray, replicas=args.replicas, provider=args.provider,
-                            threads=args.threads, settings=settings, host=args.host, port=args.port)
+                            threads=args.threads, chat_sessions=args.chat_sessions, settings=settings,
+                            host=args.host, port=args.port)
     return _serve_here(args, settings)
 
 
@@ -66,7 +73,8 @@ def _serve_here(args: argparse.Namespace, settings) -> int:
     from edgellama.serve.app import create_app
     from edgellama.serve.models import load_models
 
-    app = create_app(load_models(args.models, provider=args.provider, threads=args.threads), settings)
+    app = create_app(load_models(args.models, provider=args.provider, threads=args.threads,
+                                 chat_sessions=args.chat_sessions), settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -119,3 +119,22 @@ def test_models_and_health(server, api):
     assert api.models.retrieve("tiny").id == "tiny"
     status, health = get_json(server.url + "/health")
     assert status == 200 and health["status"] == "ok" and health["models"] == ["tiny", "tiny-dyn"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-dyn"])
+def test_a_resent_conversation_reuses_its_cache(api, served_models, model):
+    gen = served_models[model].generator
+    convo = [{"role": "system", "content": f"Be brief ({model})."}, {"role": "user", "content": "first question"}]
+    first = api.chat.completions.create(model=model, messages=convo, max_tokens=8)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    convo += [{"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "and a second one"}]
+    second = api.chat.completions.create(model=model, messages=convo, max_tokens=8)
+    fresh = gen.generate(convo, chat=True, max_new_tokens=8)      # a full prefill of the same conversation
+    assert second.choices[0].message.content == fresh.text
+    assert 0 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    # A history this server did not write (an edited reply) is answered by a full prefill, correctly.
+    edited = [*convo[:2], {"role": "assistant", "content": "something else"}, convo[3]]
+    got = api.chat.completions.create(model=model, messages=edited, max_tokens=8)
+    assert got.choices[0].message.content == gen.generate(edited, chat=True, max_new_tokens=8).text
+    assert got.usage.prompt_tokens_details.cached_tokens == 0

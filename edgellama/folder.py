@@ -274,6 +274,8 @@ def staged_folder(out: Path, *, force: bool, inputs: tuple[Path | str, ...] = ()
         except OSError as e:
             raise ModelFolderError(f"writing {out} failed: {e.strerror or e}"
                                    f"{' (' + e.filename + ')' if getattr(e, 'filename', None) else ''}") from None
+        # Private while it is written, readable as any folder `mkdir` makes once it is the output.
+        tmp.chmod(0o777 & ~_umask())
         old = None
         # An interrupt between the two renames would leave OUT missing: hold signals across the swap.
         with _signals_held():
@@ -293,8 +295,19 @@ def staged_folder(out: Path, *, force: bool, inputs: tuple[Path | str, ...] = ()
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(model: Any, folder: Path) -> None:
-    """Save an onnx_ir Model (or an onnx ModelProto) as model.onnx + model.onnx.data."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_model(model: Any, folder: Path) -> FileRecord:
+    """Save an onnx_ir Model (or an onnx ModelProto) as model.onnx + model.onnx.data; returns the
+    data file's record, hashed as it is written.
+
+    Initializers are written one at a time, in graph order and packed densely (onnx_ir's `save`
+    layout), each LazyTensor evaluated just before its bytes go out and dropped after: a model
+    whose weights are lazy (a streamed export, a quantization) never holds them all."""
     import onnx
     import onnx_ir as ir
 
@@ -303,23 +316,80 @@ def save_model(model: Any, folder: Path) -> None:
         stale.unlink(missing_ok=True)
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
-    ir.save(model, folder / MODEL, external_data=DATA, size_threshold_bytes=0)
+    values = [v for graph in model.graphs() for v in graph.initializers.values()
+              if v.const_value is not None and v.const_value.nbytes > 0]
+    tensors = [v.const_value for v in values]
+    try:
+        with open(folder / DATA, "wb") as f:
+            out = HashingWriter(f)
+            for value, tensor in zip(values, tensors):
+                offset = out.bytes
+                _write_tensor(tensor, out)
+                value.const_value = ir.ExternalTensor(DATA, offset, out.bytes - offset, tensor.dtype,
+                                                      shape=tensor.shape, name=tensor.name, base_dir=str(folder))
+        ir.save(model, folder / MODEL)   # the external references above are kept as they are
+    finally:
+        for value, tensor in zip(values, tensors):
+            value.const_value = tensor
+    return out.record()
+
+
+def _write_tensor(tensor: Any, out: "HashingWriter") -> None:
+    import numpy as np
+    import onnx_ir as ir
+
+    if tensor.dtype.bitwidth % 8 == 0 and not isinstance(tensor, ir.ExternalTensor):
+        # One buffer, no copy: `tobytes()` would hold the tensor twice.
+        array = np.ascontiguousarray(tensor.numpy())
+        out.write(array.reshape(-1).view(np.uint8))
+    else:
+        tensor.tofile(out)   # an external tensor is copied in chunks; packed types write their bytes
+
+
+def _sha256() -> Any:
+    return hashlib.sha256()
+
+
+class HashingWriter:
+    """A binary file being written, its size and sha256 taken as the bytes go by (the incremental
+    form of `sha256_file`)."""
+
+    def __init__(self, file: Any):
+        self.file, self.bytes, self._digest = file, 0, _sha256()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.file.write(view)
+        self._digest.update(view)
+        self.bytes += view.nbytes
+        return view.nbytes
+
+    def record(self) -> FileRecord:
+        return FileRecord(bytes=self.bytes, sha256=self._digest.hexdigest())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """The one sha256 of a file in edgellama."""
-    h = hashlib.sha256()
+    h = _sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
-    """Write edgellama.json with the size and sha256 of every other file in the folder."""
+def write_manifest(folder: Path, manifest: Manifest, *, known: dict[str, FileRecord] | None = None) -> Manifest:
+    """Write edgellama.json with the size and sha256 of every other file in the folder; `known`
+    records (taken while a file was written) are used for files of that size instead of reading
+    them again."""
     folder = Path(folder)
-    files = {p.name: FileRecord(bytes=p.stat().st_size, sha256=sha256_file(p))
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    known = known or {}
+
+    def record(p: Path) -> FileRecord:
+        size = p.stat().st_size
+        rec = known.get(p.name)
+        return rec if rec is not None and rec.bytes == size else FileRecord(bytes=size, sha256=sha256_file(p))
+
+    files = {p.name: record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = dataclasses.replace(manifest, files=files, format_version=FORMAT_VERSION)
     (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, default=str) + "\n")
     return manifest

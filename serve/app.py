@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from edgellama.errors import EdgellamaError
 from edgellama.serve import errors, generation
-from edgellama.serve.engine import DONE, ERROR, PIECE, Admission, Job
+from edgellama.serve.engine import ERROR, PIECE, Admission, Job
 from edgellama.serve.errors import APIError
 from edgellama.serve.models import ServedModel
 from edgellama.serve.openai_format import DONE_EVENT, Reply, logprobs
@@ -137,7 +137,8 @@ async def _next(job: Job, request: Request) -> tuple[str, Any] | None:
 def _shown(result: Any) -> list:
     """The logprobs of the tokens a reply shows: an EOS that ended it is not part of the text."""
     entries = list(result.logprobs or ())
-    if entries and isinstance(result.stop_reason, int) and result.token_ids and result.token_ids[-1] == result.stop_reason:
+    ids = result.token_ids
+    if entries and isinstance(result.stop_reason, int) and ids and ids[-1] == result.stop_reason:
         entries = entries[:-1]
     return entries
 

@@ -96,7 +96,8 @@ def plan(model: ServedModel, req: ChatRequest | CompletionRequest) -> Call:
     n, context = len(ids), model.context
     want = req.limit
     if n >= context or (want is not None and n + want > context):
-        asked = f"{n + want} tokens ({n} in the prompt, {want} in the completion)" if want else f"{n} tokens in the prompt"
+        asked = (f"{n + want} tokens ({n} in the prompt, {want} in the completion)" if want
+                 else f"{n} tokens in the prompt")
         raise APIError(400, f"this model's maximum context length is {context} tokens; you requested {asked}. "
                             "Shorten the prompt or lower max_tokens.", param=where, code="context_length_exceeded")
     kwargs: dict[str, Any] = {"max_new_tokens": want if want is not None else context - n,

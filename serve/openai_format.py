@@ -65,7 +65,8 @@ def event(payload: dict[str, Any]) -> str:
 DONE_EVENT = "data: [DONE]\n\n"
 
 
-def logprobs(entries: list, *, decode: Callable[[list[int]], str], chat: bool, offset: int = 0) -> dict[str, Any] | None:
+def logprobs(entries: list, *, decode: Callable[[list[int]], str], chat: bool,
+             offset: int = 0) -> dict[str, Any] | None:
     """TokenLogprob entries (runtime/sampling.py) in OpenAI's chat or completions layout; `offset` is the
     text length before the first entry (completions' text_offset)."""
     if not entries:

@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", type=int, default=32, metavar="N", help="requests waiting for a slot (default 32)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds per request (default 600)")
     p.add_argument("--chat-sessions", type=int, default=4, metavar="N",
-                   help="idle conversations kept per model with their KV cache, for clients that resend them (default 4)")
+                   help="idle conversations kept per model with their KV cache, for clients that resend "
+                        "them (default 4)")
     p.add_argument("--ray", default=None, metavar="ADDRESS", help="deploy on Ray Serve: local, auto or ray://host:port")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="Ray Serve replicas (with --ray)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

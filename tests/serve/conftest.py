@@ -135,8 +135,8 @@ def wait_for(predicate, *, timeout: float = 30, what: str = "condition") -> None
 @contextlib.contextmanager
 def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
     """`edgellama serve ... --port 0` in a subprocess; yields (process, base URL) once /health answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "edgellama", "serve", *args, "--port", "0", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    argv = [sys.executable, "-m", "edgellama", "serve", *args, "--port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     try:
         line = proc.stderr.readline()
         m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)

@@ -35,6 +35,7 @@ from edgellama.runtime import kv_loop
 from edgellama.runtime.call import Call, GenerationResult, Stream
 from edgellama.runtime.options import GenerationOptions, read_generation_config
 from edgellama.runtime.session import OrtModel
+from edgellama.runtime.speculative import make_loop as speculative_loop
 
 __all__ = ["Generator", "GenerationResult", "GenerationOptions", "Stream", "check_text"]
 
@@ -113,7 +114,7 @@ class Generator:
         return options
 
     def generate(self, prompt: Prompt | list[Prompt], *, chat: bool = False, options: GenerationOptions | None = None,
-                 **kwargs: Any) -> GenerationResult | list[GenerationResult]:
+                 speculative: Any = None, **kwargs: Any) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (returns one result) or a list of prompts (returns a list, one batch).
 
         Keyword arguments are GenerationOptions fields: max_new_tokens, temperature, top_k, top_p, seed,
@@ -124,30 +125,34 @@ class Generator:
         if not prompts:
             raise RuntimeInputError("no prompts given")
         ids = [self.encode(p, chat=chat) for p in prompts]
-        results = self.generate_ids(ids, options=opts)
+        results = self.generate_ids(ids, options=opts, speculative=speculative)
         return results if many else results[0]
 
     def generate_ids(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *,
-                     options: GenerationOptions | None = None, **kwargs: Any) -> list[GenerationResult]:
-        """Generate from token ids: one list of ids, or several (one left-padded batch). Always a list."""
+                     options: GenerationOptions | None = None, speculative: Any = None,
+                     **kwargs: Any) -> list[GenerationResult]:
+        """Generate from token ids: one list of ids, or several (one left-padded batch). Always a list.
+
+        `speculative` (one prompt): "prompt-lookup", a draft model folder or Generator (runtime/speculative.py)."""
         opts = self.options(options, **kwargs)
-        run = Call(self, _as_rows(prompt_ids), options=opts)
+        rows = _as_rows(prompt_ids)
+        run = Call(self, rows, options=opts, loop=speculative_loop(self, speculative, rows=rows, options=opts))
         for _ in run.steps():
             pass
         return run.results()
 
     def stream(self, prompt: Prompt, *, chat: bool = False, options: GenerationOptions | None = None,
-               result: list | None = None, **kwargs: Any) -> Stream:
+               result: list | None = None, speculative: Any = None, **kwargs: Any) -> Stream:
         """A Stream of text pieces of one prompt's answer; its `.result` is the GenerationResult.
 
         `result=[]` (deprecated, read `.result` instead) still receives the result when the stream ends."""
         if _many(prompt):
             raise RuntimeInputError("stream() streams one prompt; use generate() for a list of prompts")
         opts = self.options(options, **kwargs)
-        return self.stream_ids(self.encode(prompt, chat=chat), options=opts, result=result)
+        return self.stream_ids(self.encode(prompt, chat=chat), options=opts, result=result, speculative=speculative)
 
     def stream_ids(self, prompt_ids: Sequence[int], *, options: GenerationOptions | None = None,
-                   result: list | None = None, **kwargs: Any) -> Stream:
+                   result: list | None = None, speculative: Any = None, **kwargs: Any) -> Stream:
         """`stream` from one list of token ids."""
         opts = self.options(options, **kwargs)
         rows = _as_rows(prompt_ids)
@@ -158,7 +163,8 @@ class Generator:
             warnings.warn("stream(result=[]) is deprecated: read the returned Stream's .result", DeprecationWarning,
                           stacklevel=2)
             on_close = lambda res, error: result.append(res)   # noqa: E731
-        return Stream(Call(self, rows, options=opts, text=True), on_close=on_close)
+        loop = speculative_loop(self, speculative, rows=rows, options=opts)
+        return Stream(Call(self, rows, options=opts, text=True, loop=loop), on_close=on_close)
 
     def constraint(self, options: GenerationOptions) -> Any:
         """A fresh token constraint (runtime/constraints.py) for one sequence of a constrained call."""

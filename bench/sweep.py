@@ -55,14 +55,24 @@ def kill_one_mid_sweep(cells: Path, killed: dict, stop: threading.Event) -> None
         time.sleep(0.2)
 
 
-def sweep(plan: Path, out: Path) -> tuple[int, dict, float]:
+def sweep(plan: Path, out: Path, *, run: int) -> tuple[int, dict, float]:
+    """One `edgellama sweep --ray local --json`; its stdout must be exactly the results.json it wrote."""
     from edgellama.cli.main import main
 
     buf = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(buf):
         rc = main(["sweep", str(plan), "-o", str(out), "--ray", "local", "--json"])
-    return rc, json.loads(buf.getvalue()), time.perf_counter() - start
+    wall = time.perf_counter() - start
+    (out.parent / f"run{run}.stdout").write_text(buf.getvalue(), encoding="utf-8")
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    try:
+        alone = json.loads(buf.getvalue()) == result
+    except ValueError:
+        alone = False
+    if not alone:
+        say(f"run {run}: stdout is not results.json alone (kept in {out.parent / f'run{run}.stdout'})")
+    return rc, result, wall
 
 
 def main() -> None:
@@ -90,7 +100,7 @@ def main() -> None:
     try:
         if not args.no_kill:
             watcher.start()
-        rc1, first, wall1 = sweep(plan, out)
+        rc1, first, wall1 = sweep(plan, out, run=1)
         stop.set()
         lost = [r for r in first["cells"] if r["status"] != "ok"]
         say(f"run 1: exit {rc1}, {wall1:.1f} s wall, {first['summary']}")
@@ -98,7 +108,7 @@ def main() -> None:
             say(f"  failed: {r['cell']} at {r['stage']}: {r['error']}")
         if killed:
             say(f"  killed pid {killed['pid']}")
-        rc2, second, wall2 = sweep(plan, out)
+        rc2, second, wall2 = sweep(plan, out, run=2)
         say(f"run 2 (rerun): exit {rc2}, {wall2:.1f} s wall, {second['summary']}")
     finally:
         ray.shutdown()

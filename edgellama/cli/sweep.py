@@ -22,6 +22,7 @@ Exit status: 0 every cell ok, 1 a cell failed (its error is in its record), 2 a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import sys
 from pathlib import Path
@@ -55,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
             open(args.markdown, "a", encoding="utf-8").close()
         except OSError as e:
             raise EdgellamaError(f"cannot write the markdown summary {args.markdown}: {e.strerror or e}") from None
-    result = run_sweep(plan, out=args.output, ray=args.ray, progress=say)
+    # stdout carries the table or the JSON alone: whatever a library prints meanwhile (Ray's driver
+    # reporting a dead worker) goes to stderr with the progress lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_sweep(plan, out=args.output, ray=args.ray, progress=say)
     text = io.StringIO()
     print_json("sweep", result, stream=text)   # results.json is what --json prints
     write_atomic(args.output / RESULTS_JSON, text.getvalue())

@@ -23,7 +23,9 @@ PASSAGE = ("The lighthouse keeper kept a log of every ship that passed the point
            "finally came, the crew found the log written in pencil, the ink having frozen in its bottle, and "
            "every entry signed. The harbour board later printed the three volumes as a pamphlet, which is how "
            "the story of the storm reached the town, and how the keeper came to be asked, every winter after, "
-           "to tell it again at the harbour inn. He always began with the weather at dawn. ")
+           "to tell it again at the harbour inn. He always began with the weather at dawn, went on to the "
+           "nineteen days without the boat, and ended, whatever the company, with the frozen ink: the detail "
+           "that, he said, nobody in the town had ever believed until they saw the pencil for themselves. ")
 
 
 def main() -> None:

@@ -98,3 +98,14 @@ def test_refused_calls_leave_the_session_usable(gen, kwargs, words):
     convo = [*chat.messages, {"role": "user", "content": "next"}]
     r = chat.send("next", **KW)
     assert r.token_ids == fresh(gen, convo).token_ids and r.reused_tokens == state[0]
+
+
+@pytest.mark.parametrize("mode", ["numpy", "iobinding"])
+def test_other_dynamic_loops_rewind_too(text_folders, mode):
+    gen = Generator(text_folders["dynamic"], provider="cpu", loop=mode)
+    chat = ChatSession(gen)
+    free = fresh(gen, [{"role": "user", "content": "The cat sat"}], eos=False)
+    chat.send("The cat sat", eos=False, stop=[free.text[3:5]], **KW)     # its cache must be rewound next turn
+    convo = [*chat.messages, {"role": "user", "content": "next"}]
+    r = chat.send("next", **KW)
+    assert r.reprefill_reason and r.token_ids == fresh(gen, convo).token_ids

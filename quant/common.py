@@ -4,6 +4,12 @@ Passes work on an `onnx_ir.Model`, the representation export builds: `export --q
 model over in memory, `quantize_folder` reads a folder's model with its weights left lazy in
 model.onnx.data. Weights go through numpy (`array` in, `add_initializer` / `set_array` out).
 
+Streaming: a pass never holds every weight. What it writes is a LazyTensor (`add_lazy`,
+`set_lazy`) computed from the source tensor when the folder is written, one weight at a time;
+several initializers computed together (a weight's codes, scales and zero points) share one
+`Deferred`, computed once for all of them. `array` copies an external tensor out of its file and
+closes the mapping, so reading weights one by one never leaves them all mapped.
+
 A *weight MatMul* is a standard `MatMul` whose second input is a 2-D float initializer `W [K, N]`
 (the exporter stores `nn.Linear` weights transposed, in x out) or a `Transpose(perm=[1, 0])` of
 one. Activations stay as they are; only these nodes (and the embedding `Gather`) are rewritten.
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -84,14 +90,55 @@ def embedding_gathers(graph: ir.Graph, *, exclude: Sequence[str] = ()) -> list[i
     return out
 
 
+def read(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A tensor's values; an external tensor's are copied out and its file mapping closed."""
+    values = tensor.numpy()
+    if isinstance(tensor, ir.ExternalTensor):
+        values = np.array(values)
+        tensor.release()
+    return values
+
+
 def array(value: ir.Value) -> np.ndarray:
-    return value.const_value.numpy()
+    return read(value.const_value)
+
+
+def weight_reader(wm: WeightMatMul) -> Callable[[], np.ndarray]:
+    """W as the MatMul uses it, [K, N] float32, read when called (from the tensor the weight holds now)."""
+    tensor, transposed = wm.weight.const_value, wm.transposed
+
+    def weight() -> np.ndarray:
+        w = read(tensor)
+        return np.ascontiguousarray(w.T if transposed else w, dtype=np.float32)
+    return weight
 
 
 def weight_array(wm: WeightMatMul) -> np.ndarray:
     """W as the MatMul uses it: [K, N] float32."""
-    w = array(wm.weight)
-    return np.ascontiguousarray(w.T if wm.transposed else w, dtype=np.float32)
+    return weight_reader(wm)()
+
+
+class Deferred:
+    """A computation whose results several lazy initializers hold (a weight's codes, scales, zero
+    points). Computed when the first of them is written and kept while the next ones are: one
+    Deferred holds its result at a time, so writing the folder holds one weight's results."""
+
+    _held: "Deferred | None" = None
+
+    def __init__(self, compute: Callable[[], object]):
+        self.compute = compute
+        self._result: object = None
+
+    def get(self) -> object:
+        if Deferred._held is not self:
+            if Deferred._held is not None:
+                Deferred._held._result = None
+            self._result = self.compute()
+            Deferred._held = self
+        return self._result
+
+    def part(self, pick: Callable[[object], np.ndarray]) -> Callable[[], np.ndarray]:
+        return lambda: pick(self.get())
 
 
 # -- editing ------------------------------------------------------------------------------------
@@ -137,6 +184,33 @@ def add_initializer(graph: ir.Graph, value: np.ndarray, name: str) -> ir.Value:
 
 def set_array(value: ir.Value, new: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(new), name=value.name)
+
+
+def lazy(compute: Callable[[], np.ndarray], *, dtype: ir.DataType, shape: Sequence[int], name: str) -> ir.LazyTensor:
+    """A tensor computed when it is read (written), checked against the dtype and shape it promised."""
+    want = tuple(int(d) for d in shape)
+
+    def tensor() -> ir.Tensor:
+        values = np.ascontiguousarray(compute())
+        if values.shape != want or ir.DataType.from_numpy(values.dtype) != dtype:
+            raise AssertionError(f"{name}: computed {values.dtype} {values.shape}, promised {dtype} {want}")
+        return ir.tensor(values, name=name)
+    return ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(want), name=name)
+
+
+def add_lazy(graph: ir.Graph, compute: Callable[[], np.ndarray], *, dtype: ir.DataType, shape: Sequence[int],
+             name: str) -> ir.Value:
+    """`add_initializer` for values computed when the model is written."""
+    v = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype),
+                 const_value=lazy(compute, dtype=dtype, shape=shape, name=name))
+    graph.register_initializer(v)
+    return v
+
+
+def set_lazy(value: ir.Value, compute: Callable[[], np.ndarray]) -> None:
+    """`set_array` for a new value of the same dtype and shape, computed when the model is written."""
+    t = value.const_value
+    value.const_value = lazy(compute, dtype=t.dtype, shape=list(t.shape), name=value.name)
 
 
 def output_like(value: ir.Value) -> ir.Value:

@@ -48,7 +48,10 @@ def _convert_constants(graph: ir.Graph) -> int:
     n = 0
     for v in graph.initializers.values():
         if v.const_value.dtype == FLOAT:
-            v.const_value = _to_fp16(v.const_value.numpy(), v.name)
+            # Converted when written (streaming, see common.py), one initializer at a time.
+            source = v.const_value
+            v.const_value = common.lazy(lambda source=source, name=v.name: _to_fp16(common.read(source), name).numpy(),
+                                        dtype=FLOAT16, shape=list(source.shape), name=v.name)
             n += 1
     for node in graph:
         attrs = node.attributes

@@ -111,10 +111,13 @@ def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:
             # Emitted right before the first MatMul reading A; later readers come after it.
             quantized_inputs[a], new = _quantize_activation(names, a, mod)
         a_q, a_scale, a_zero = quantized_inputs[a]
-        q, scale = _quantize_columns(common.weight_array(wm), qmax)
+        # Quantized when written (streaming, see common.py): codes and scales from one computation.
+        k, n = (int(d) for d in wm.weight.const_value.shape)
+        k, n = (n, k) if wm.transposed else (k, n)
+        columns = common.Deferred(lambda weight=common.weight_reader(wm): _quantize_columns(weight(), qmax))
         base = wm.weight.name.replace("/", "_")
-        w_q = common.add_initializer(graph, q, names(f"{base}_int8"))
-        w_s = common.add_initializer(graph, scale, names(f"{base}_scale"))
+        w_q = common.add_lazy(graph, columns.part(lambda r: r[0]), dtype=INT8, shape=(k, n), name=names(f"{base}_int8"))
+        w_s = common.add_lazy(graph, columns.part(lambda r: r[1]), dtype=FLOAT, shape=(n,), name=names(f"{base}_scale"))
         old = node.outputs[0]
         acc, acc_f, s = (names(f"{old.name}_{x}") for x in ("int32", "float", "scale"))
         out = common.output_like(old)

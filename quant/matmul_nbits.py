@@ -53,6 +53,32 @@ class Stats:
     excluded: list[str] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One weight's quantization, known by its layout before it is computed: the initializers are
+    LazyTensors of these shapes and `deferred` computes the blockwise.Packed they hold when the
+    folder is written."""
+    deferred: common.Deferred
+    bits: int
+    block_size: int
+    k: int
+    n: int
+    zero_points: np.dtype | None          # the dtype of the unpacked zero points; None: symmetric
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def blob(self) -> int:
+        return self.block_size * self.bits // 8
+
+    def zero_points_shape(self) -> tuple[int, ...]:
+        if self.bits == 8 or self.zero_points == np.float32:
+            return (self.n * self.n_blocks,)
+        return (self.n * -(-self.n_blocks // 2),)
+
+
 @dataclasses.dataclass
 class _Rewrite:
     """One rewrite's graph, fresh names and accuracy level."""
@@ -60,44 +86,48 @@ class _Rewrite:
     names: common.Names
     accuracy_level: int
 
-    def initializer(self, value: np.ndarray, base: str) -> ir.Value:
-        return common.add_initializer(self.graph, value, self.names(base))
+    def initializer(self, compute, dtype: ir.DataType, shape: Sequence[int], base: str) -> ir.Value:
+        return common.add_lazy(self.graph, compute, dtype=dtype, shape=shape, name=self.names(base))
 
-    def matmul_nbits(self, x: ir.Value, packed: blockwise.Packed, *, weight: str, name: str,
+    def matmul_nbits(self, x: ir.Value, plan: _Plan, *, weight: str, name: str,
                      output: ir.Value) -> tuple[ir.Node, dict[str, ir.Value]]:
         base = weight.replace("/", "_")
-        b = self.initializer(packed.data, f"{base}_Q{packed.bits}")
-        s = self.initializer(packed.scales.reshape(-1), f"{base}_scales")
+        d = plan.deferred
+        b = self.initializer(d.part(lambda p: p.data), ir.DataType.UINT8, (plan.n, plan.n_blocks, plan.blob),
+                             f"{base}_Q{plan.bits}")
+        s = self.initializer(d.part(lambda p: p.scales.reshape(-1)), ir.DataType.FLOAT,
+                             (plan.n * plan.n_blocks,), f"{base}_scales")
         inputs = [x, b, s]
-        zp = packed.zero_points_packed()
-        if zp is not None:
-            inputs.append(self.initializer(zp, f"{base}_zero_points"))
+        if plan.zero_points is not None:
+            inputs.append(self.initializer(d.part(lambda p: p.zero_points_packed()),
+                                           ir.DataType.from_numpy(np.dtype(plan.zero_points)),
+                                           plan.zero_points_shape(), f"{base}_zero_points"))
         node = common.op("MatMulNBits", inputs, [output], name=name, domain=common.MS_DOMAIN,
-                         K=packed.k, N=packed.n, bits=packed.bits, block_size=packed.block_size,
+                         K=plan.k, N=plan.n, bits=plan.bits, block_size=plan.block_size,
                          accuracy_level=self.accuracy_level)
         return node, {"data": b, "scales": s}
 
-    def single(self, wm: common.WeightMatMul, packed: blockwise.Packed) -> dict[str, ir.Value]:
+    def single(self, wm: common.WeightMatMul, plan: _Plan) -> dict[str, ir.Value]:
         out = common.output_like(wm.node.outputs[0])
-        node, names = self.matmul_nbits(wm.node.inputs[0], packed, weight=wm.weight.name,
+        node, names = self.matmul_nbits(wm.node.inputs[0], plan, weight=wm.weight.name,
                                         name=common.renamed(wm.node, "MatMulNBits"), output=out)
         common.replace(self.graph, [wm.node], [node], [out])
         return names
 
-    def columns(self, wm: common.WeightMatMul, packs: Sequence[blockwise.Packed], labels: Sequence[str]) -> None:
+    def columns(self, wm: common.WeightMatMul, plans: Sequence[_Plan], labels: Sequence[str]) -> None:
         """One MatMulNBits per column range of `wm`'s weight, then Concat (last axis) into its output."""
         module = common.module_name(wm.node)
         parts = []
-        for label, packed in zip(labels, packs):
+        for label, plan in zip(labels, plans):
             out = ir.Value(name=self.names(f"{module}/{label}/MatMulNBits_output_0"))
-            node, _ = self.matmul_nbits(wm.node.inputs[0], packed, weight=f"{module}.{label}.weight",
+            node, _ = self.matmul_nbits(wm.node.inputs[0], plan, weight=f"{module}.{label}.weight",
                                         name=f"{module}/{label}/MatMulNBits", output=out)
             parts.append(node)
         out = common.output_like(wm.node.outputs[0])
         concat = common.op("Concat", [n.outputs[0] for n in parts], [out], name=f"{module}/Concat", axis=-1)
         common.replace(self.graph, [wm.node], [*parts, concat], [out])
 
-    def stacked(self, wms: Sequence[common.WeightMatMul], packs: Sequence[blockwise.Packed]) -> None:
+    def stacked(self, wms: Sequence[common.WeightMatMul], plans: Sequence[_Plan]) -> None:
         """MatMulNBits over the stacked weights, then Split (last axis) into the siblings' outputs.
         It goes where the first sibling was: all siblings read the same input, and every reader of
         any sibling's output comes after that point."""
@@ -105,22 +135,22 @@ class _Rewrite:
         parent = mods[0].rsplit(".", 1)[0] if "." in mods[0] else ""
         module = (parent + "." if parent else "") + "+".join(m.rsplit(".", 1)[-1] for m in mods)
         stacked = ir.Value(name=self.names(f"{module}/MatMulNBits_output_0"))
-        node, _ = self.matmul_nbits(wms[0].node.inputs[0], _stack(packs), weight=f"{module}.weight",
+        node, _ = self.matmul_nbits(wms[0].node.inputs[0], _stack(plans), weight=f"{module}.weight",
                                     name=f"{module}/MatMulNBits", output=stacked)
         sizes = self.names(f"{module}/split_sizes")
-        size_node = common.constant(sizes, np.array([p.n for p in packs], np.int64), name=f"{module}/Constant_split")
+        size_node = common.constant(sizes, np.array([p.n for p in plans], np.int64), name=f"{module}/Constant_split")
         outs = [common.output_like(wm.node.outputs[0]) for wm in wms]
         split = common.op("Split", [stacked, size_node.outputs[0]], outs, name=f"{module}/Split", axis=-1)
         common.replace(self.graph, [wm.node for wm in wms], [node, size_node, split], outs)
 
-    def gather_shared(self, node: ir.Node, names: dict[str, ir.Value], packed: blockwise.Packed) -> None:
+    def gather_shared(self, node: ir.Node, names: dict[str, ir.Value], plan: _Plan) -> None:
         """GatherBlockQuantized over the lm_head's MatMulNBits bytes: [N, nb, blob] -> [N, K*bits/8]."""
-        n, nb = packed.n, packed.n_blocks
+        n, nb = plan.n, plan.n_blocks
         mod = common.module_name(node)
         data2d, scales2d = f"{names['data'].name}_2d", f"{names['scales'].name}_2d"
         # Shapes as Constant nodes, not initializers: the folder stores every initializer externally
         # and shape inference cannot read a Reshape's shape from external data.
-        shape_d = common.constant(f"{data2d}_shape", np.array([n, nb * packed.data.shape[2]], np.int64),
+        shape_d = common.constant(f"{data2d}_shape", np.array([n, nb * plan.blob], np.int64),
                                   name=f"{mod}/Constant_data_shape")
         shape_s = common.constant(f"{scales2d}_shape", np.array([n, nb], np.int64), name=f"{mod}/Constant_scales_shape")
         reshape_d = common.op("Reshape", [names["data"], shape_d.outputs[0]], [data2d], name=f"{mod}/Reshape_data")
@@ -128,19 +158,21 @@ class _Rewrite:
         out = common.output_like(node.outputs[0])
         gather = common.op("GatherBlockQuantized", [reshape_d.outputs[0], node.inputs[1], reshape_s.outputs[0]], [out],
                            name=common.renamed(node, "GatherBlockQuantized"), domain=common.MS_DOMAIN,
-                           bits=packed.bits, block_size=packed.block_size, quantize_axis=1, gather_axis=0)
+                           bits=plan.bits, block_size=plan.block_size, quantize_axis=1, gather_axis=0)
         common.replace(self.graph, [node], [shape_d, shape_s, reshape_d, reshape_s, gather], [out])
 
     def gather_own(self, node: ir.Node, block_size: int) -> bool:
         """An int8 symmetric copy of the table [V, H], blocked along H; False when H is not a block multiple."""
-        table = common.array(node.inputs[0])
-        v, h = table.shape
+        tensor = node.inputs[0].const_value
+        v, h = (int(d) for d in tensor.shape)
         if h % block_size:
             return False
-        packed = blockwise.quantize(table.T, bits=8, block_size=block_size, symmetric=True)
+        deferred = common.Deferred(lambda: blockwise.quantize(common.read(tensor).T, bits=8, block_size=block_size,
+                                                              symmetric=True))
         base = node.inputs[0].name.replace("/", "_")
-        d = self.initializer(packed.data.reshape(v, h), f"{base}_Q8")
-        s = self.initializer(packed.scales, f"{base}_scales")
+        d = self.initializer(deferred.part(lambda p: p.data.reshape(v, h)), ir.DataType.UINT8, (v, h), f"{base}_Q8")
+        s = self.initializer(deferred.part(lambda p: p.scales), ir.DataType.FLOAT, (v, h // block_size),
+                             f"{base}_scales")
         out = common.output_like(node.outputs[0])
         gather = common.op("GatherBlockQuantized", [d, node.inputs[1], s], [out],
                            name=common.renamed(node, "GatherBlockQuantized"), domain=common.MS_DOMAIN,
@@ -149,46 +181,56 @@ class _Rewrite:
         return True
 
 
-def _quantize(w: np.ndarray, c: Choice, block_size: int) -> blockwise.Packed:
-    return blockwise.quantize(np.ascontiguousarray(w), bits=c.bits, block_size=c.block_size or block_size,
-                              symmetric=c.symmetric, search=c.search, float_zero_points=c.float_zero_points)
+def _plan(weight: Callable[[], np.ndarray], k: int, n: int, c: Choice, block_size: int) -> _Plan:
+    block = c.block_size or block_size
+    zp = None if c.symmetric else np.dtype(np.float32 if c.float_zero_points else np.uint8)
+    return _Plan(common.Deferred(lambda: blockwise.quantize(
+        weight(), bits=c.bits, block_size=block, symmetric=c.symmetric, search=c.search,
+        float_zero_points=c.float_zero_points)), bits=c.bits, block_size=block, k=k, n=n, zero_points=zp)
 
 
-def _stack(packs: Sequence[blockwise.Packed]) -> blockwise.Packed:
-    """One Packed for weights concatenated along N (every row is quantized on its own)."""
-    first = packs[0]
-    zps = [p.zero_points for p in packs]
-    return blockwise.Packed(
-        data=np.concatenate([p.data for p in packs]), scales=np.concatenate([p.scales for p in packs]),
-        zero_points=None if zps[0] is None else np.concatenate(zps), bits=first.bits,
-        block_size=first.block_size, k=first.k)
+def _stack(plans: Sequence[_Plan]) -> _Plan:
+    """One plan for weights concatenated along N (every row is quantized on its own)."""
+    def stacked() -> blockwise.Packed:
+        packs = [p.deferred.compute() for p in plans]
+        first, zps = packs[0], [p.zero_points for p in packs]
+        return blockwise.Packed(
+            data=np.concatenate([p.data for p in packs]), scales=np.concatenate([p.scales for p in packs]),
+            zero_points=None if zps[0] is None else np.concatenate(zps), bits=first.bits,
+            block_size=first.block_size, k=first.k)
+    first = plans[0]
+    return dataclasses.replace(first, deferred=common.Deferred(stacked), n=sum(p.n for p in plans))
 
 
 def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice | Columns], block_size: int,
             accuracy_level: int, exclude: Sequence[str] = ()) -> Stats:
-    """Rewrite `model` in place; `choose` gives each weight MatMul's bits and scale rule."""
+    """Rewrite `model` in place; `choose` gives each weight MatMul's bits and scale rule. Nothing is
+    quantized here: each weight is, when the model is written (see common.py, streaming)."""
     graph = model.graph
     edit = _Rewrite(graph, common.Names(graph), accuracy_level)
     stats = Stats()
-    tied: dict[str, tuple[blockwise.Packed, dict[str, ir.Value]]] = {}   # weight name (transposed) -> packed
-    groups: dict[tuple[str, Choice], list[tuple[common.WeightMatMul, blockwise.Packed]]] = {}
+    tied: dict[str, tuple[_Plan, dict[str, ir.Value]]] = {}   # weight name (transposed) -> plan
+    groups: dict[tuple[str, Choice], list[tuple[common.WeightMatMul, _Plan]]] = {}
     for wm in common.weight_matmuls(graph, exclude=exclude):
         c = choose(wm)
+        shape = [int(d) for d in wm.weight.const_value.shape]
+        k, n = shape[::-1] if wm.transposed else shape
+        weight = common.weight_reader(wm)
         if isinstance(c, Columns):
-            w, start, packs = common.weight_array(wm), 0, []
+            start, plans = 0, []
             for label, width, part in c.parts:
-                packs.append(_quantize(w[:, start:start + width], part, block_size))
+                plans.append(_plan(_columns(weight, start, width), k, width, part, block_size))
                 stats.matmuls[f"{common.module_name(wm.node)}[{label}]"] = part.bits
                 start += width
-            edit.columns(wm, packs, [label for label, _, _ in c.parts])
+            edit.columns(wm, plans, [label for label, _, _ in c.parts])
             continue
-        packed = _quantize(common.weight_array(wm), c, block_size)
+        plan = _plan(weight, k, n, c, block_size)
         stats.matmuls[common.module_name(wm.node)] = c.bits
         if wm.transposed:
             # A tied lm_head: its bytes are shared with the embedding below, so it stays its own node.
-            tied[wm.weight.name] = (packed, edit.single(wm, packed))
+            tied[wm.weight.name] = (plan, edit.single(wm, plan))
         else:
-            groups.setdefault((wm.node.inputs[0].name, c), []).append((wm, packed))
+            groups.setdefault((wm.node.inputs[0].name, c), []).append((wm, plan))
     for members in groups.values():
         if len(members) == 1:
             edit.single(*members[0])
@@ -205,3 +247,7 @@ def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice |
     common.drop_unused(graph)
     common.ensure_opset(model, common.MS_DOMAIN, 1)
     return stats
+
+
+def _columns(weight: Callable[[], np.ndarray], start: int, width: int) -> Callable[[], np.ndarray]:
+    return lambda: np.ascontiguousarray(weight()[:, start:start + width])

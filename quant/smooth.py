@@ -27,7 +27,7 @@ int4 mean KL 0.173 with the norms alone -> 0.130 with the MLP pairs too (alpha 0
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -132,6 +132,12 @@ def _calibrate(model: ir.Model, values: list[ir.Value], *, tokens: int, seed: in
             dtype = np.float16 if "float16" in i.type else np.float32
             feeds[i.name] = np.zeros((b, i.shape[1], n if static else 0, i.shape[3]), dtype)
     outs = sess.run([v.name for v in values], feeds)
+    # Only the statistics are kept: the session's weights go, and so do the file mappings an
+    # external weight opened for it.
+    del sess
+    for v in graph.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value.release()
     return [np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float64) for x in outs]
 
 
@@ -176,19 +182,26 @@ def apply(model: ir.Model, *, alpha: float = ALPHA, tokens: int = CALIBRATION_TO
     def f64(v: ir.Value) -> np.ndarray:
         return common.array(v).astype(np.float64)
 
+    def amax_rows(v: ir.Value) -> np.ndarray:
+        # |w| and its max are exact in fp32: the same factors as from a float64 copy, without one
+        return np.abs(common.array(v)).max(1).astype(np.float64)
+
+    def scaled(v: ir.Value, factor: Callable[[np.ndarray], np.ndarray]) -> None:
+        # The scaled weight is computed when written (streaming, see common.py), from the value the
+        # weight holds now: a later fold of the same weight composes with this one.
+        common.set_lazy(v, lambda source=v.const_value: factor(common.read(source).astype(np.float64)).astype(np.float32))
+
     for (norm, idx, users), amax in zip(targets, amaxes):
         gamma = f64(norm.inputs[idx])
-        weights = [f64(u.inputs[1]) for u in users]
-        wmax = np.max([np.abs(w).max(1) for w in weights], axis=0)          # per input channel
+        wmax = np.max([amax_rows(u.inputs[1]) for u in users], axis=0)          # per input channel
         s = _factors(amax, wmax, alpha)
         common.set_array(norm.inputs[idx], (gamma / s).astype(np.float32))
-        for u, w in zip(users, weights):
-            common.set_array(u.inputs[1], (w * s[:, None]).astype(np.float32))
+        for u in users:
+            scaled(u.inputs[1], lambda w, s=s: w * s[:, None])
     for (up, _mul, down), amax in zip(mlps, amaxes[len(targets):]):
-        w_up, w_down = f64(up.inputs[1]), f64(down.inputs[1])        # [K, I], [I, N]
-        s = _factors(amax, np.abs(w_down).max(1), alpha)
-        common.set_array(up.inputs[1], (w_up / s[None, :]).astype(np.float32))
-        common.set_array(down.inputs[1], (w_down * s[:, None]).astype(np.float32))
+        s = _factors(amax, amax_rows(down.inputs[1]), alpha)          # up [K, I], down [I, N]
+        scaled(up.inputs[1], lambda w, s=s: w / s[None, :])
+        scaled(down.inputs[1], lambda w, s=s: w * s[:, None])
     return {"smoothing": {"alpha": alpha, "norms": len(targets), "mlp": len(mlps),
                           "calibration": f"{tokens} random token ids in rows of 128, seed {seed}"}}
 

@@ -35,6 +35,7 @@ that doubles each time a probe fails again. The draft length follows a (a + 2, a
 from __future__ import annotations
 
 import collections
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -143,21 +144,31 @@ class Switch:
     steps cost as they run.
 
     Costs are in one-token steps: a round drafting k tokens costs 1 + beta*k (beta: one more token in
-    the verify pass, drafting included; it starts at `beta` and follows the measured rounds against
-    the measured plain steps) and yields 1 + a tokens (a: the running mean of draft tokens accepted
+    the verify pass, drafting included; `beta` until a round is measured, then the median of the
+    recent rounds' against the median recent plain step) and yields 1 + a tokens (a: the running mean of draft tokens accepted
     per round). A round pays when a > beta*k. The next round drafts a + 2 tokens (at most
     `num_draft`): longer while drafts are accepted whole, shorter when they are not. When a round
     does not pay, plain steps run for a cool-down (doubled each time the next probe fails too)."""
 
     def __init__(self, *, num_draft: int = NUM_DRAFT, beta: float = 0.1, alpha: float = 0.3, cooldown: int = 16,
-                 max_cooldown: int = 512):
-        self.num_draft, self.beta, self.alpha = num_draft, beta, alpha
-        self.measured = False
+                 max_cooldown: int = 512, window: int = 15):
+        self.num_draft, self.prior_beta, self.alpha = num_draft, beta, alpha
         self.accepted: float | None = None
-        self.step_s: float | None = None
+        # Medians of the last `window` measurements: a step or a round slowed down by something else
+        # running on the machine moves them little.
+        self.step_times: collections.deque[float] = collections.deque(maxlen=window)
+        self.betas: collections.deque[float] = collections.deque(maxlen=window)
         self.first_cooldown, self.max_cooldown = cooldown, max_cooldown
         self.cooldown = cooldown
         self.off_for = 0          # plain steps left before the next probe
+
+    @property
+    def beta(self) -> float:
+        return statistics.median(self.betas) if self.betas else self.prior_beta
+
+    @property
+    def step_s(self) -> float | None:
+        return statistics.median(self.step_times) if self.step_times else None
 
     def length(self, room: int) -> int:
         """Tokens to draft now (0: a plain step), at most `room`."""
@@ -173,15 +184,14 @@ class Switch:
         return self.accepted is None or self.accepted > self.beta * k
 
     def plain_step(self, seconds: float) -> None:
-        self.step_s = seconds if self.step_s is None else (1 - self.alpha) * self.step_s + self.alpha * seconds
+        self.step_times.append(seconds)
 
     def round(self, *, drafted: int, accepted: int, seconds: float) -> None:
         a = self.alpha
         self.accepted = accepted if self.accepted is None else (1 - a) * self.accepted + a * accepted
-        if self.step_s is not None and drafted:
-            beta = max(0.0, (seconds / self.step_s - 1) / drafted)
-            self.beta = beta if not self.measured else (1 - a) * self.beta + a * beta   # the prior goes at once
-            self.measured = True
+        step = self.step_s
+        if step is not None and drafted:
+            self.betas.append(max(0.0, (seconds / step - 1) / drafted))
         if self.pays(drafted):
             self.cooldown = self.first_cooldown
         else:

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edgellama.errors import RuntimeInputError
+from edgellama.errors import ModelFolderError, RuntimeInputError
 from edgellama.runtime.call import Call
 from edgellama.runtime.generator import Generator
 from edgellama.runtime.speculative import PromptLookup, SpeculativeLoop, Switch
@@ -41,7 +41,7 @@ def always_drafting(num_draft: int = 8) -> Switch:
             self.accepted = accepted if self.accepted is None else 0.7 * self.accepted + 0.3 * accepted
 
     switch = Fixed(num_draft=num_draft, beta=0.0)
-    switch.step_s = 1.0
+    switch.plain_step(1.0)
     return switch
 
 
@@ -117,6 +117,18 @@ def test_stop_strings_logprobs_and_penalty_compose(text_gen):
                 assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
                 assert abs(a.logprob - b.logprob) < 1e-4
     assert plain.finish_reason == "length" and run(text_gen, prompt, max_new_tokens=40, stop=[stop])[0].stop_reason
+
+
+def test_constraint_composes(text_gen):
+    """A regex constraint masks each step's logits inside the call: draft tokens it forbids are
+    simply not chosen, and the output is the constrained output without speculation."""
+    pytest.importorskip("llguidance")
+    prompt = text_gen.encode(REPEATS)
+    kw = dict(max_new_tokens=40, regex=r"( ?(cat|sat|on|the|mat)){1,12}\.")
+    plain, _ = run(text_gen, prompt, **kw)
+    spec, loop = run(text_gen, prompt, loop=lookup_loop(text_gen, prompt, 40), **kw)
+    assert spec.token_ids == plain.token_ids and spec.finish_reason == plain.finish_reason == "stop"
+    assert loop.rounds > 0
 
 
 def test_seeded_sampling_gives_the_same_tokens(text_gen):
@@ -220,6 +232,8 @@ def test_refusals(text_gen, tiny_static):
     with pytest.raises(RuntimeInputError, match="one prompt \\(batch 1\\)"):
         text_gen.generate_ids([[5, 6], [7, 8]], max_new_tokens=4, speculative="prompt-lookup")
     with pytest.raises(RuntimeInputError, match="speculative takes None"):
+        text_gen.generate("hi", max_new_tokens=4, speculative=3)
+    with pytest.raises(ModelFolderError, match="n-gram is not a model folder"):   # a str other than prompt-lookup
         text_gen.generate("hi", max_new_tokens=4, speculative="n-gram")
     with pytest.raises(RuntimeInputError, match="num_draft must be a positive integer"):
         SpeculativeLoop(text_gen.model, drafter=PromptLookup(), capacity=8, num_draft=0)

@@ -205,7 +205,7 @@ def full_logits(proto: Any) -> Any:
     producers = {o: n for n in proto.graph.node for o in n.output}
     if LAST_HIDDEN not in producers:
         return proto
-    # LAST_HIDDEN = Unsqueeze(Gather(Reshape(hidden)))
+    # LAST_HIDDEN = Reshape(Gather(Reshape(hidden)))
     hidden = producers[producers[producers[LAST_HIDDEN].input[0]].input[0]].input[0]
     for node in proto.graph.node:
         for i, name in enumerate(node.input):

@@ -3,7 +3,8 @@ stderr, exit 130 (SIGINT) or 143 (SIGTERM), no traceback, an older folder at OUT
 as it was and no new folder that looks complete (no `.partial-` or `.old-` leftovers beside it).
 
 The moments are found from the progress lines on stderr, so a slow or loaded machine shifts them
-less than fixed sleeps would: before any progress (1 s in: importing torch or onnx_ir), inside
+less than fixed sleeps would: before any progress (1 s after `main` installed its signal handlers:
+importing torch or onnx_ir), inside
 torch's export tracing, during `quantize` (where ONNX Runtime is first imported), and at the final
 write. A signal within the interpreter's own startup, before `main` runs (a fraction of a second),
 gets Python's default handling; nothing has been written by then.
@@ -47,7 +48,9 @@ def run_and_signal(argv: list[str], *, sig: int, line: str | None, delay: float)
     p = subprocess.Popen([sys.executable, "-m", "edgellama.cli.main", *argv], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     seen = []
-    if line is not None:
+    if line is None:
+        _wait_for_handlers(p.pid)
+    else:
         for text in p.stderr:
             seen.append(text)
             if text.startswith(f"[edgellama] {line}"):
@@ -56,6 +59,24 @@ def run_and_signal(argv: list[str], *, sig: int, line: str | None, delay: float)
     p.send_signal(sig)
     _, err = p.communicate(timeout=300)
     return p.returncode, "".join(seen) + err
+
+
+def _wait_for_handlers(pid: int, *, timeout: float = 120.0) -> None:
+    """Until the process catches SIGTERM: `main` has installed its handlers (Python itself catches only
+    SIGINT at startup). A fixed sleep from the start is not enough on a loaded machine, where the
+    interpreter's start alone can take longer, and a signal then gets Python's default handling."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.exists():   # not Linux: the fixed delay alone
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            caught = next(int(x.split()[1], 16) for x in status.read_text().splitlines() if x.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            return   # the process has ended
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return
+        time.sleep(0.01)
 
 
 def check_interrupted(rc: int, err: str, *, sig: int, out: Path, before: dict[str, str], may_finish: bool) -> None:

@@ -4,7 +4,7 @@
     python bench/speculative.py --folder out/smollm2-static --rounds 3
 
 Three tasks, each run plain and with `speculative="prompt-lookup"` in one process, interleaved
-(plain, speculative, plain, speculative, ...), identical tokens asserted every round:
+(plain then speculative, then the other way round, ...), identical tokens asserted every round:
 
   repeat   the model asked to repeat a ~200-token passage with one word changed
   code     a short function with a variable to rename
@@ -85,15 +85,17 @@ def main() -> None:
         opts = gen.options(max_new_tokens=max_new)
         plain_tps, spec_tps, stats = [], [], []
         for r in range(args.rounds):
-            call = Call(gen, [prompt], options=opts)
-            for _ in call.steps():
-                pass
-            plain = call.results()[0]
-            loop = make_loop(gen, "prompt-lookup", rows=[prompt], options=opts)
-            call = Call(gen, [prompt], options=opts, loop=loop)
-            for _ in call.steps():
-                pass
-            spec = call.results()[0]
+            runs = {}
+            # Alternate which runs first, so a load change between the two falls on each side in turn.
+            for kind in (("plain", "spec") if r % 2 == 0 else ("spec", "plain")):
+                loop = make_loop(gen, "prompt-lookup", rows=[prompt], options=opts) if kind == "spec" else None
+                call = Call(gen, [prompt], options=opts, loop=loop)
+                for _ in call.steps():
+                    pass
+                runs[kind] = call.results()[0]
+                if loop is not None:
+                    spec_loop = loop
+            plain, spec, loop = runs["plain"], runs["spec"], spec_loop
             if spec.token_ids != plain.token_ids:
                 raise SystemExit(f"{name}: speculative tokens differ from plain greedy")
             plain_tps.append(plain.decode_tokens_per_s)

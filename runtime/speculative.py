@@ -48,6 +48,7 @@ from edgellama.runtime.static_loop import StaticCache
 
 PROMPT_LOOKUP = "prompt-lookup"
 NUM_DRAFT = 8
+PROBE = 3
 
 
 # -- drafters ---------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ class Switch:
     the verify pass, drafting included; `beta` until a round is measured, then the median of the
     recent rounds' against the median recent plain step) and yields 1 + a tokens (a: the running mean of draft tokens accepted
     per round). A round pays when a > beta*k. The next round drafts a + 2 tokens (at most
-    `num_draft`): longer while drafts are accepted whole, shorter when they are not. When a round
+    `num_draft`; PROBE when a is not known yet): longer while drafts are accepted whole, shorter when
+    they are not. When a round
     does not pay, plain steps run for a cool-down (doubled each time the next probe fails too)."""
 
     def __init__(self, *, num_draft: int = NUM_DRAFT, beta: float = 0.1, alpha: float = 0.3, cooldown: int = 16,
@@ -177,8 +179,10 @@ class Switch:
         if self.off_for > 0:
             self.off_for -= 1
             return 0
-        k = self.num_draft if self.accepted is None else min(self.num_draft, int(self.accepted) + 2)
-        return max(0, min(k, room))
+        # A first round or a probe drafts PROBE tokens: cheap when nothing is accepted, and a draft
+        # accepted whole grows by two tokens a round.
+        k = PROBE if self.accepted is None else int(self.accepted) + 2
+        return max(0, min(k, self.num_draft, room))
 
     def pays(self, k: int) -> bool:
         return self.accepted is None or self.accepted > self.beta * k

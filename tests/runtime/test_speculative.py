@@ -14,7 +14,7 @@ import pytest
 from edgellama.errors import ModelFolderError, RuntimeInputError
 from edgellama.runtime.call import Call
 from edgellama.runtime.generator import Generator
-from edgellama.runtime.speculative import PromptLookup, SpeculativeLoop, Switch
+from edgellama.runtime.speculative import PROBE, PromptLookup, SpeculativeLoop, Switch
 
 REPEATS = "the cat sat on the mat. the cat sat on the mat. the cat sat on the mat. the cat"
 
@@ -207,21 +207,26 @@ def test_switch_turns_drafting_off_when_it_does_not_pay_and_probes_again():
     s = Switch(num_draft=8, beta=0.1, cooldown=4)
     assert s.length(100) == 0                      # a plain step is measured first
     s.plain_step(1.0)
-    assert s.length(100) == 8 and s.length(3) == 3
-    s.round(drafted=8, accepted=8, seconds=1.8)    # beta measured (1.8 - 1) / 8 = 0.1; 8 accepted: pays
-    assert s.length(100) == 8
-    s.round(drafted=8, accepted=0, seconds=1.8)    # one miss: the running mean (5.6) still pays
-    assert s.length(100) == 7
+    assert s.length(100) == PROBE and s.length(2) == 2
+    s.round(drafted=3, accepted=3, seconds=1.3)    # beta measured (1.3 - 1) / 3 = 0.1; all accepted: longer
+    assert s.length(100) == 5
+    grown = [5]
+    while grown[-1] < 8:                           # accepted whole: longer each round, up to num_draft
+        s.round(drafted=grown[-1], accepted=grown[-1], seconds=1 + 0.1 * grown[-1])
+        grown.append(s.length(100))
+    assert grown == sorted(grown) and len(grown) < 10 and s.length(100) == 8
+    s.round(drafted=8, accepted=0, seconds=1.8)    # one miss: the running mean still pays
+    assert 0 < s.length(100) < 8
     lengths = []
     while s.off_for == 0:                          # misses only: shorter drafts, then off
         lengths.append(s.length(100))
         s.round(drafted=lengths[-1], accepted=0, seconds=1 + 0.1 * lengths[-1])
     assert lengths == sorted(lengths, reverse=True) and lengths[-1] == 2 and len(lengths) < 15
-    assert [s.length(100) for _ in range(5)] == [0, 0, 0, 0, 8]     # off for 4 steps, then a probe
-    s.round(drafted=8, accepted=0, seconds=1.8)
-    assert [s.length(100) for _ in range(9)] == [0] * 8 + [8]       # the next cool-down doubled
-    s.round(drafted=8, accepted=6, seconds=1.8)                     # a probe that pays: on again
-    assert s.length(100) == 8 and s.cooldown == 4
+    assert [s.length(100) for _ in range(5)] == [0, 0, 0, 0, PROBE]     # off for 4 steps, then a probe
+    s.round(drafted=PROBE, accepted=0, seconds=1.3)
+    assert [s.length(100) for _ in range(9)] == [0] * 8 + [PROBE]       # the next cool-down doubled
+    s.round(drafted=PROBE, accepted=3, seconds=1.3)                     # a probe that pays: on again
+    assert s.length(100) == 5 and s.cooldown == 4
     costly = Switch(num_draft=8, beta=0.1)
     costly.plain_step(1.0)
     costly.round(drafted=8, accepted=2, seconds=5.0)   # verify costs 5 steps: 2 accepted do not pay

@@ -15,6 +15,9 @@ and one for a folder with the static KV cache contract (export/lower/ort_static.
              (runtime/static_loop.py); the left-padded rows the Generator builds are taken as
              their real tokens (the static cache is right-padded)
 
+runtime/speculative.py's SpeculativeLoop has the same interface (`step`, `past_len`, `rewind`) over
+a StaticCache, drafting and verifying several tokens per forward pass behind `step`.
+
 All state lives in the object, one per call, so concurrent calls on one session never share it.
 CUDA graphs are not used: the dynamic cache grows by one slot a step, and a captured graph needs
 fixed shapes and addresses.

@@ -182,7 +182,7 @@ class OursRunner(Runner):
         self.vocab_size = self.gen.config.vocab_size
 
     def run(self, prompt, new_tokens):
-        r = self.gen.generate_ids(prompt, max_new_tokens=new_tokens, stop=False)[0]
+        r = self.gen.generate_ids(prompt, max_new_tokens=new_tokens, eos=False)[0]
         return {"prefill_ms": r.prefill_ms, "decode_tokens_per_s": r.decode_tokens_per_s, "tokens": r.token_ids}
 
     def close(self):

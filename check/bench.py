@@ -98,7 +98,7 @@ class OursRunner(Runner):
         self.weight_bytes = m.weight_bytes
 
     def run(self, prompt, new_tokens):
-        r = self.gen.generate_ids(prompt, max_new_tokens=new_tokens, stop=False)[0]
+        r = self.gen.generate_ids(prompt, max_new_tokens=new_tokens, eos=False)[0]
         return Timing(r.prefill_ms, r.decode_tokens_per_s, r.token_ids)
 
 

@@ -20,13 +20,13 @@ def main() -> int:
     question = sys.argv[2] if len(sys.argv) > 2 else "Give me three tips for writing clear code."
     try:
         gen = Generator(folder, provider="auto")       # CUDA when it can start here, else the CPU
-        done = []
-        for piece in gen.stream(question, chat=True, max_new_tokens=128, result=done):
+        stream = gen.stream(question, chat=True, max_new_tokens=128)
+        for piece in stream:
             print(piece, end="", flush=True)
     except EdgellamaError as e:                         # bad folder, bad prompt, provider missing: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    r = done[0]
+    r = stream.result
     print(f"\n[{len(r.token_ids)} tokens, prefill {r.prefill_ms:.0f} ms, {r.decode_tokens_per_s:.1f} tokens/s, "
           f"{gen.model.provider}]", file=sys.stderr)
     return 0

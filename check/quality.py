@@ -181,14 +181,33 @@ def torch_logits_fn(model: Any) -> LogitsFn:
     return run
 
 
+def folder_logits_fn(folder: str | Path, *, provider: str = "cpu", threads: int | None = None) -> LogitsFn:
+    """One of our model folders as a LogitsFn through parity's OrtSide, which runs both KV cache
+    contracts (a static folder on its all-positions graph) on any provider."""
+    from edgellama.check.parity_sides import OrtSide
+
+    side = OrtSide(Path(folder), provider=provider, threads=threads, verify=False)
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        mask = np.ones_like(ids, dtype=np.int64)
+        return side.forward(ids, mask, contract.positions_from_mask(mask), side.empty_past(ids.shape[0]))[0]
+
+    return run
+
+
 def ort_logits_fn(model_path: str | Path, *, num_kv_heads: int, head_dim: int, threads: int | None = None) -> LogitsFn:
     """A plain onnxruntime CPU session as a LogitsFn, for our folders and onnxruntime-genai's builder
     output alike: attention_mask of ones, position_ids (when the graph has it) from that mask, every
-    `past_key_values.*` input empty [1, kv_heads, 0, head_dim]."""
+    `past_key_values.*` input empty [1, kv_heads, 0, head_dim]. The graph of a static-KV-cache folder
+    (its manifest says so) takes whole cache buffers instead: `folder_logits_fn` runs it."""
     import onnxruntime as ort
 
+    from edgellama import folder as model_folder
     from edgellama.runtime.session import session_options
 
+    folder = Path(model_path).parent
+    if (folder / model_folder.MANIFEST).is_file() and model_folder.read_manifest(folder).kv_cache == "static":
+        return folder_logits_fn(folder, threads=threads)
     sess = ort.InferenceSession(str(model_path), session_options(threads=threads), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in sess.get_inputs()}
     past = [n for n in inputs if n.startswith("past_key_values.")]

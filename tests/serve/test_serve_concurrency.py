@@ -84,15 +84,43 @@ def test_disconnect_mid_stream_stops_the_generation(served_models):
         assert client(server).completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
 
 
-def test_timeout_is_504_and_the_server_carries_on(served_models):
-    with live_server(served_models, parallel=1, queue=2, timeout=0.2) as server:
+def test_waiting_past_the_timeout_is_504_and_the_server_carries_on(served_models):
+    with live_server(served_models, parallel=1, queue=2, timeout=0.3) as server:
+        admission = server.app.state.admission
+        server.run_in_loop(admission.acquire(time.monotonic() + 60))     # the only slot, held
         status, body = post_raw(server.url + "/v1/completions",
-                                json.dumps({"model": "tiny-dyn", "prompt": "x", "max_tokens": 240, "ignore_eos": True}))
+                                json.dumps({"model": "tiny-dyn", "prompt": "x", "max_tokens": 8}))
         assert status == 504 and body["error"]["type"] == "timeout_error"
-        wait_for(lambda: server.health()["running"] == 0, what="the timed-out job to end")
         assert server.health()["timed_out"] == 1
+        server.run_in_loop(_release(admission))
         assert post_raw(server.url + "/v1/completions",
                         json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1}))[0] == 200
+
+
+def test_a_generation_past_its_deadline_stops_with_a_timeout(served_models):
+    from edgellama.serve import generation
+    from edgellama.serve.engine import DONE, ERROR, Admission, Job
+    from edgellama.serve.schemas import CompletionRequest
+
+    call = generation.plan(served_models["tiny-dyn"], CompletionRequest(model="tiny-dyn", prompt="x", max_tokens=200,
+                                                                        ignore_eos=True))
+
+    async def run(deadline: float):
+        adm = Admission(parallel=1, queue=0)
+        await adm.acquire(time.monotonic() + 5)
+        job = Job(call.start, admission=adm, deadline=deadline)
+        job.submit()
+        while True:
+            kind, value = await job.events.get()
+            if kind in (DONE, ERROR):
+                adm.pool.shutdown(wait=True)
+                return kind, value, adm.stats
+
+    # Past its deadline at the first token: the worker stops there instead of generating 200 tokens.
+    kind, err, stats = asyncio.run(run(time.monotonic() - 1))
+    assert kind == ERROR and err.status == 504 and stats.timed_out == 1 and stats.tokens == 0
+    kind, result, stats = asyncio.run(run(time.monotonic() + 600))
+    assert kind == DONE and len(result.token_ids) == 200 and stats.timed_out == 0
 
 
 def test_admission_counts():

@@ -10,9 +10,27 @@ tests/ is a package, so a test imports these by name: `from tests.conftest impor
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
+
+
+def _hypothesis_profiles() -> None:
+    """One example budget for local runs and CI ("edgellama": derandomized, so a run is reproducible
+    and CI never meets a new failing case by chance); `pytest --hypothesis-profile thorough` searches
+    ten times wider, without derandomizing, when a reader changes."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:                     # a dev extra; only tests/base/test_fuzz_readers.py needs it
+        return
+    settings.register_profile("edgellama", max_examples=60, deadline=2000, derandomize=True, database=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("thorough", settings.get_profile("edgellama"), max_examples=600, derandomize=False)
+    settings.load_profile("edgellama")
+
+
+_hypothesis_profiles()
 
 
 def pytest_configure(config):
@@ -51,6 +69,60 @@ def seeded_llama(config, *, seed: int):
 
     return sources.build_llama(config, sources.random_weights(config, seed=seed))
 
+
+
+@functools.cache
+def smollm2_model():
+    """(model, tokenizer, info) of the real smollm2, loaded once per session. Callers must not edit
+    the model in place (copy it first: `copy.deepcopy(model).double()`)."""
+    from edgellama.export.sources import load_model
+
+    return load_model("smollm2")
+
+
+# -- model folders written once per session ------------------------------------------------------
+# A tiny export costs seconds of torch.export tracing and a smollm2 export about a minute; the
+# tests that only read a folder share one per (source, options). A test that edits a folder copies it.
+_EXPORTS: dict[tuple, Path] = {}
+
+
+def shared_export(tmp_path_factory, source: str = "tiny", **options) -> Path:
+    """`export_model(source, OUT, **options)` once per session and set of options, OUT in a session
+    temp folder. Defaults are keyed as resolved, so `target="portable"` and `target="portable",
+    dtype="fp32", kv_cache="dynamic"` share one folder."""
+    from edgellama.export.lower.targets import default_kv_cache
+    from edgellama.export.onnx_export import export_model
+
+    options.pop("force", None)              # a fresh folder each time: nothing to replace
+    options.setdefault("target", "portable")
+    options.setdefault("dtype", "fp32")
+    options.setdefault("provider", "cpu")
+    if options.get("kv_cache") is None:
+        options["kv_cache"] = default_kv_cache(options["target"], dtype=options["dtype"],
+                                               provider=options["provider"])
+    key = (source, *sorted(options.items()))
+    if key not in _EXPORTS:
+        name = "-".join([source, *(str(v) for _, v in sorted(options.items()))])
+        _EXPORTS[key] = export_model(source, tmp_path_factory.mktemp("shared") / name, **options)
+    return _EXPORTS[key]
+
+
+# -- the portable trace, once per model --------------------------------------------------------------
+_TRACES: dict[tuple, object] = {}
+
+
+def portable_copy(model, *, key: str, dtype: str = "fp32", opset: int = 23):
+    """A fresh `onnx_ir.Model` of `export_onnx(model, dtype=, opset=)`, traced once per (key, dtype,
+    opset) in the session: lowering edits in place, so each caller gets its own copy. `key` names the
+    model (the same key must mean the same weights)."""
+    import onnx_ir as ir
+
+    from edgellama.export.onnx_export import export_onnx
+
+    k = (key, dtype, opset)
+    if k not in _TRACES:
+        _TRACES[k] = ir.serde.serialize_model(export_onnx(model, dtype=dtype, opset=opset))
+    return ir.serde.deserialize_model(_TRACES[k])
 
 
 # -- inputs ------------------------------------------------------------------------------------

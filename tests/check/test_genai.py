@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime_genai")
 
 from edgellama.check import bench  # noqa: E402
 from edgellama.runtime.generator import Generator  # noqa: E402
+from tests.conftest import shared_export  # noqa: E402
 
 
 def genai_greedy(folder, prompt, new_tokens: int, *, provider: str = "cpu") -> list[int]:
@@ -47,19 +48,10 @@ def _until_eos(tokens, eos):
     return list(tokens)
 
 
-def _export(source, out, target="portable"):
-    from edgellama.export.onnx_export import export_model
-
-    return export_model(source, out, target=target, force=True)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     pytest.importorskip("torch")
-    import torch
-
-    torch.manual_seed(0)
-    return _export("tiny", tmp_path_factory.mktemp("genai") / "tiny")
+    return shared_export(tmp_path_factory, "tiny")
 
 
 def test_genai_greedy_equals_ours_on_tiny(tiny):
@@ -72,7 +64,7 @@ def test_genai_greedy_equals_ours_on_tiny(tiny):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["portable", "ort"])
 def test_genai_greedy_equals_ours_on_smollm2(tmp_path_factory, target):
-    folder = _export("smollm2", tmp_path_factory.mktemp("genai") / f"smollm2-{target}", target=target)
+    folder = shared_export(tmp_path_factory, "smollm2", target=target)
     ours = Generator(folder, provider="cpu")
     prompt = ours.encode("What is the capital of France?", chat=True)
     mine = ours.generate_ids(prompt, max_new_tokens=24, stop=False)[0].token_ids

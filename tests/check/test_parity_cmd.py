@@ -7,22 +7,19 @@ import numpy as np
 import pytest
 
 from edgellama.cli.main import main
+from tests.conftest import shared_export
 
 STEPS = "3"
 
 
 @pytest.fixture(scope="session")
 def tiny_fp32(tmp_path_factory):
-    from edgellama.export.onnx_export import export_model
-
-    return export_model("tiny", tmp_path_factory.mktemp("parity") / "fp32", dtype="fp32", force=True)
+    return shared_export(tmp_path_factory, "tiny", dtype="fp32")
 
 
 @pytest.fixture(scope="session")
 def tiny_fp16(tmp_path_factory):
-    from edgellama.export.onnx_export import export_model
-
-    return export_model("tiny", tmp_path_factory.mktemp("parity") / "fp16", dtype="fp16", force=True)
+    return shared_export(tmp_path_factory, "tiny", dtype="fp16")
 
 
 def _parity(*args, tmp_path=None):

@@ -13,6 +13,7 @@ from edgellama.quant.api import quantize_folder
 from edgellama.check import parity
 from edgellama.folder import Manifest
 from edgellama.testing import assert_parity
+from tests.conftest import shared_export
 
 MODES = ["fp16", "int8", "int8-dynamic", "int4"]
 TARGETS = ["portable", "ort", "onnx23"]
@@ -20,9 +21,7 @@ TARGETS = ["portable", "ort", "onnx23"]
 
 @pytest.fixture(scope="module", params=TARGETS)
 def exported(request, tmp_path_factory):
-    from edgellama.export.onnx_export import export_model
-
-    return export_model("tiny", tmp_path_factory.mktemp("pq") / request.param, target=request.param)
+    return shared_export(tmp_path_factory, "tiny", target=request.param)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -226,12 +226,13 @@ def test_ort_logits_fn_feeds_both_graph_signatures(tmp_path, position_ids, past_
 
 
 @pytest.mark.slow
-def test_onnx_export_of_tiny_agrees_with_torch(tmp_path):
-    from edgellama.export.onnx_export import export_model
+def test_onnx_export_of_tiny_agrees_with_torch(tmp_path_factory):
     from edgellama.export.sources import load_model
 
+    from tests.conftest import shared_export
+
     model, tok, _ = load_model("tiny")
-    folder = export_model("tiny", tmp_path / "tiny", target="portable")
+    folder = shared_export(tmp_path_factory, "tiny", target="portable")
     wins = q.make_windows(_rng(8).integers(3, 250, size=60).tolist(), window=24, bos_id=1)
     ref = q.evaluate(q.torch_logits_fn(model), wins, keep_logprobs=True)
     c = model.config

@@ -12,7 +12,8 @@ import torch
 
 from edgellama.export import onnx_export
 from edgellama.export.model import greedy_generate, positions_from_mask
-from tests.conftest import OrtLoop, left_padded_batch, ort_greedy, ort_session, random_llama, teacher_forced
+from tests.conftest import (OrtLoop, left_padded_batch, ort_greedy, ort_session, portable_copy, random_llama,
+                            smollm2_model, teacher_forced)
 
 TOL = 1e-4
 TARGETS = ["portable", "ort", "onnx23"]
@@ -26,16 +27,16 @@ VARIANTS = {
 }
 
 
-def export_session(model, target: str, tmp_path):
-    """A bare onnxruntime session on `model` exported for `target`."""
-    return ort_session(onnx_export.lower(onnx_export.export_onnx(model), target=target), tmp_path / target)
+def export_session(model, target: str, tmp_path, *, key: str):
+    """A bare onnxruntime session on `model` exported for `target` (traced once per `key`, lowered per target)."""
+    return ort_session(onnx_export.lower(portable_copy(model, key=key), target=target), tmp_path / target)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_tiny_parity(variant, target, tmp_path):
     model = random_llama(**VARIANTS[variant])
-    loop = OrtLoop(export_session(model, target, tmp_path), model.config)
+    loop = OrtLoop(export_session(model, target, tmp_path, key=f"export-parity-{variant}"), model.config)
     ids, mask = left_padded_batch(model.config.vocab_size)
     diff = teacher_forced(model, loop, ids, mask, steps=32)
     print(f"{variant} {target}: prefill+32 decode logits max abs diff {diff:.2e}")
@@ -63,46 +64,67 @@ ACCURACY_RATIO = 1.25
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from edgellama.export.sources import load_model
-
-    model, tokenizer, _ = load_model("smollm2")
+    model, tokenizer, _ = smollm2_model()
     return model, tokenizer
 
 
-def three_way(model, model64, loop, ids, mask, steps):
-    """Teacher-forced on torch fp32's greedy choices: (torch32 vs fp64, onnx vs fp64, onnx vs torch32)."""
-    worst = [0.0, 0.0, 0.0]
-    pasts = [model.empty_cache(1), model64.empty_cache(1, torch.float64), loop.empty(1)]
+@pytest.fixture(scope="module")
+def smollm2_portable(smollm2):
+    """The portable trace of smollm2, once for the three targets (each lowers its own copy)."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(onnx_export.export_onnx(smollm2[0]))
+    return lambda: ir.serde.deserialize_model(proto)
+
+
+@pytest.fixture(scope="module")
+def smollm2_torch(smollm2):
+    """The torch side of every target's comparison, the same for each and so run once: the inputs of
+    each step (prefill + 32 decode steps, teacher-forced on torch fp32's greedy choices) with torch
+    fp32's and fp64's logits, and torch's 64 greedy tokens."""
+    import copy
+
+    model, tokenizer = smollm2
+    model64 = copy.deepcopy(model).double()
+    ids = torch.tensor([tokenizer.chat_ids("What is the capital of France?")])
+    mask = torch.ones_like(ids)
+    steps, pasts = [], [model.empty_cache(1), model64.empty_cache(1, torch.float64)]
     cur, m = ids, mask
     with torch.no_grad():
-        for _ in range(steps + 1):
+        for _ in range(32 + 1):
             pos = positions_from_mask(m, cur.shape[1])
             t32, pasts[0] = model(cur, m, pos, pasts[0])
             t64, pasts[1] = model64(cur, m, pos, pasts[1])
-            o32, pasts[2] = loop.step(cur.numpy(), m.numpy(), pasts[2])
-            a, b, c = t32.numpy(), t64.numpy(), o32
-            for k, (x, y) in enumerate(((a, b), (c, b), (c, a))):
-                worst[k] = max(worst[k], float(np.abs(x - y).max()))
+            steps.append((cur.numpy(), m.numpy(), t32.numpy(), t64.numpy()))
             cur = t32[:, -1].argmax(-1, keepdim=True)
             m = torch.cat((m, torch.ones_like(cur)), dim=1)
+    ref = greedy_generate(model, ids, 64, attention_mask=mask)[0].numpy()
+    return ids, mask, steps, ref
+
+
+def three_way(loop, steps):
+    """(torch32 vs fp64, onnx vs fp64, onnx vs torch32) over the recorded steps, the ONNX side fed
+    the same inputs through its own KV cache."""
+    worst = [0.0, 0.0, 0.0]
+    past = loop.empty(1)
+    for cur, m, a, b in steps:
+        c, past = loop.step(cur, m, past)
+        for k, (x, y) in enumerate(((a, b), (c, b), (c, a))):
+            worst[k] = max(worst[k], float(np.abs(x - y).max()))
     return worst
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
-def test_smollm2_parity_and_paris(smollm2, target, tmp_path):
-    import copy
-
+def test_smollm2_parity_and_paris(smollm2, smollm2_portable, smollm2_torch, target, tmp_path):
     model, tokenizer = smollm2
-    loop = OrtLoop(export_session(model, target, tmp_path), model.config)
-    ids = torch.tensor([tokenizer.chat_ids("What is the capital of France?")])
-    mask = torch.ones_like(ids)
-    torch_err, onnx_err, vs_torch = three_way(model, copy.deepcopy(model).double(), loop, ids, mask, steps=32)
+    ids, mask, steps, ref = smollm2_torch
+    loop = OrtLoop(ort_session(onnx_export.lower(smollm2_portable(), target=target), tmp_path / target), model.config)
+    torch_err, onnx_err, vs_torch = three_way(loop, steps)
     print(f"smollm2 {target}: prefill+32 decode logits max abs diff vs torch fp32 {vs_torch:.2e}; "
           f"vs fp64: torch fp32 {torch_err:.2e}, onnx {onnx_err:.2e}")
     assert vs_torch <= TOL or onnx_err <= ACCURACY_RATIO * torch_err
     ours = ort_greedy(loop, ids, mask, 64)[0]
-    ref = greedy_generate(model, ids, 64, attention_mask=mask)[0].numpy()
     assert (ours == ref).all()
     answer = tokenizer.decode(ours.tolist())
     print(f"smollm2 {target}: {answer!r}")

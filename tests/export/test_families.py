@@ -9,6 +9,8 @@ is smaller than the sequence."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from edgellama.export import onnx_export  # noqa: E402
 from edgellama.export.config import LlamaConfig  # noqa: E402
 from edgellama.export.model import greedy_generate  # noqa: E402
 from tests.conftest import (OrtLoop, diff_vs_transformers, hf_greedy, hf_reference, left_padded_batch,  # noqa: E402
-                            ort_greedy, ort_session, seeded_llama, teacher_forced)
+                            ort_greedy, ort_session, portable_copy, seeded_llama, teacher_forced)
 
 TOL = 1e-4
 DECODE_STEPS = 16
@@ -37,6 +39,20 @@ FAMILIES = {
 
 def family_model(name: str):
     return seeded_llama(presets.tiny(**FAMILIES[name]), seed=7)
+
+
+def family_portable(name: str):
+    """A fresh copy of the family's portable ONNX model, traced once per family in the session."""
+    return portable_copy(family_model(name), key=f"families-{name}")
+
+
+@functools.cache
+def family_greedy(name: str):
+    """(ids, mask, transformers' GREEDY greedy tokens) on the left-padded batch (10, 6) of seed 2: the
+    reference of the torch, ONNX and Generator greedy checks, computed once per family."""
+    ours = family_model(name)
+    ids, mask = left_padded_batch(ours.config.vocab_size, (10, 6), seed=2)
+    return ids, mask, hf_greedy(hf_reference(ours), ids, mask, GREEDY)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -143,11 +159,11 @@ def test_logits_prefill_and_decode(family_pair):
 
 
 def test_greedy_identical(family_pair):
-    name, ours, hf = family_pair
-    ids, mask = left_padded_batch(ours.config.vocab_size, (10, 6), seed=2)
+    name, ours, _ = family_pair
+    ids, mask, theirs = family_greedy(name)
     mine = greedy_generate(ours, ids, GREEDY, attention_mask=mask)
     assert mine.shape == (2, GREEDY)
-    assert torch.equal(mine, hf_greedy(hf, ids, mask, GREEDY))
+    assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize("name, switch", [("qwen2", {"attention_bias": False}), ("qwen3", {"qk_norm": False}),
@@ -167,27 +183,25 @@ def test_each_switch_matters(name, switch):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_export_parity(name, target, tmp_path):
     ours = family_model(name)
-    loop = OrtLoop(ort_session(onnx_export.lower(onnx_export.export_onnx(ours), target=target), tmp_path / target),
-                   ours.config)
+    loop = OrtLoop(ort_session(onnx_export.lower(family_portable(name), target=target), tmp_path / target), ours.config)
     ids, mask = left_padded_batch(ours.config.vocab_size, (12, 8), seed=1)
     diff = teacher_forced(ours, loop, ids, mask, steps=DECODE_STEPS)
     print(f"{name} {target}: prefill + {DECODE_STEPS} decode, max abs logits diff vs torch {diff:.2e}")
     assert diff <= TOL
-    ids, mask = left_padded_batch(ours.config.vocab_size, (10, 6), seed=2)
-    assert (ort_greedy(loop, ids, mask, GREEDY) == hf_greedy(hf_reference(ours), ids, mask, GREEDY).numpy()).all()
+    ids, mask, theirs = family_greedy(name)
+    assert (ort_greedy(loop, ids, mask, GREEDY) == theirs.numpy()).all()
 
 
 def test_window_lowered_per_target():
     """ort: GroupQueryAttention's local_window_size; onnx23: Attention-23 has no window attribute, so
     the window goes into its explicit mask; the portable node carries `sliding_window`."""
-    model = family_model("mistral-window5")
-    portable = onnx_export.export_onnx(model)
+    portable = family_portable("mistral-window5")
     gqa = [n for n in portable.graph if n.op_type == "GroupQueryAttention"]
     assert gqa and all(n.attributes["sliding_window"].as_int() == 5 for n in gqa)
-    ort = onnx_export.lower(onnx_export.export_onnx(model), target="ort")
+    ort = onnx_export.lower(family_portable("mistral-window5"), target="ort")
     assert all(n.attributes["local_window_size"].as_int() == 5
                for n in ort.graph if n.op_type == "GroupQueryAttention")
-    onnx23 = onnx_export.lower(onnx_export.export_onnx(model), target="onnx23")
+    onnx23 = onnx_export.lower(family_portable("mistral-window5"), target="onnx23")
     assert any(n.name.startswith("onnx23/attention_bias_window5/") for n in onnx23.graph)
     llama = onnx_export.export_onnx(seeded_llama(presets.tiny(), seed=7))
     assert all("sliding_window" not in n.attributes for n in llama.graph)   # a Llama graph is unchanged
@@ -247,9 +261,8 @@ def test_generator_greedy_equals_transformers(name, ort_folders):
 
     folder = ort_folders[name]
     assert manifest(folder)["kv_cache"] == ("static" if name.startswith("mistral") else "dynamic")
-    ours = family_model(name)
-    ids, mask = left_padded_batch(ours.config.vocab_size, (10, 6), seed=2)
-    want = hf_greedy(hf_reference(ours), ids, mask, GREEDY).tolist()
+    ids, mask, want = family_greedy(name)
+    want = want.tolist()
     rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     got = [r.token_ids for r in Generator(folder).generate_ids(rows, max_new_tokens=GREEDY, stop=False)]
     assert got == want

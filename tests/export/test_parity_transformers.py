@@ -13,7 +13,7 @@ from edgellama.export import config as presets  # noqa: E402
 from edgellama.export import sources  # noqa: E402
 from edgellama.export.model import greedy_generate, positions_from_mask  # noqa: E402
 from tests.conftest import (diff_vs_transformers, hf_greedy, left_padded_batch, seeded_llama,  # noqa: E402
-                            teacher_forced_vs_transformers)
+                            smollm2_model, teacher_forced_vs_transformers)
 from tests.conftest import hf_reference as reference  # noqa: E402
 
 TOL = 1e-4
@@ -80,7 +80,7 @@ def test_hf_folder_loads_in_transformers_with_same_logits(tmp_path):
 # -- the real model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
-    model, tokenizer, info = sources.load_model("smollm2")
+    model, tokenizer, info = smollm2_model()
     return model, tokenizer, info, reference(model)
 
 

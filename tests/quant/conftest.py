@@ -8,25 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from edgellama.folder import TARGETS  # noqa: F401  (the tests parametrize over it)
-
-
-def export_tiny(out: Path, target: str = "portable") -> Path:
-    """A tiny fp32 export (2 layers: 7*2+1 = 15 weight MatMuls and one embedding Gather)."""
-    from edgellama.export.onnx_export import export_model
-
-    # The dynamic KV cache contract (ort's default is static since issue 11): these tests count its
-    # q/k/v MatMuls and feed its position_ids; static folders are quantized in tests/runtime/test_static_cache.py.
-    return export_model("tiny", out, target=target, kv_cache="dynamic")
-
-
-_EXPORTS: dict[str, Path] = {}
+from tests.conftest import shared_export
 
 
 def shared_tiny(tmp_path_factory, target: str = "portable") -> Path:
-    """One tiny export per target for the whole session (the tests only read it)."""
-    if target not in _EXPORTS:
-        _EXPORTS[target] = export_tiny(tmp_path_factory.mktemp(f"tiny-{target}") / "fp32", target)
-    return _EXPORTS[target]
+    """The session's tiny fp32 export of `target` (2 layers: 7*2+1 = 15 weight MatMuls and one
+    embedding Gather); the tests only read it.
+
+    The dynamic KV cache contract (ort's default is static since issue 11): these tests count its
+    q/k/v MatMuls and feed its position_ids; static folders are quantized in tests/runtime/test_static_cache.py."""
+    return shared_export(tmp_path_factory, "tiny", target=target, kv_cache="dynamic")
 
 
 def quantized_pair(tmp_path_factory, target: str, mode: str) -> tuple[Path, Path]:

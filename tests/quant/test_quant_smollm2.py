@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgellama.quant.api import quantize_folder
+from tests.conftest import shared_export
 from tests.quant.conftest import logits, mean_kl
 
 pytestmark = pytest.mark.slow
@@ -21,9 +22,7 @@ BOUNDS = {"fp16": 1e-4, "int8": 1e-2, "int8-dynamic": 6e-2, "int4": 0.4}
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from edgellama.export.onnx_export import export_model
-
-    return export_model("smollm2", tmp_path_factory.mktemp("smol") / "fp32")
+    return shared_export(tmp_path_factory, "smollm2")
 
 
 @pytest.fixture(scope="module")

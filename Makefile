@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(PY) samples/demo.py --out $(OUT)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -3,7 +3,8 @@ shard indexes, safetensors headers and GGUF files. The only outcome besides succ
 user error (one line), each example within hypothesis' deadline, and nothing outside the folder is
 opened: a foreign file beside the folder is never read, and its contents never reach a message.
 
-Examples are derandomized, so a run is reproducible and CI never meets a new failing case by chance.
+Examples are derandomized (tests/conftest.py's hypothesis profile), so a run is reproducible and CI
+never meets a new failing case by chance.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnx  # noqa: F401  # imported here, not inside the first example's deadl
 import onnx_ir  # noqa: F401
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgellama import folder as model_folder
@@ -33,8 +34,7 @@ from edgellama.folder import FORMAT_VERSION, MANIFEST, Manifest
 from tests.conftest import seeded_llama
 from tests.export.test_sources import write_gguf
 
-FUZZ = settings(max_examples=60, deadline=2000, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings()   # the profile tests/conftest.py loads ("edgellama" unless --hypothesis-profile names another)
 SECRET = "FOREIGN_SECRET"
 
 # -- values a hostile or damaged file may hold ---------------------------------------------------------

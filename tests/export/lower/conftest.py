@@ -15,7 +15,7 @@ import pytest
 
 from edgellama.export import onnx_export as E
 from edgellama.export.lower import engine
-from tests.conftest import OrtLoop, ort_session, random_llama
+from tests.conftest import OrtLoop, ort_session, portable_copy, random_llama
 
 TOL = 1e-4
 LAYERS = 3
@@ -46,6 +46,11 @@ class FiniteLoop(OrtLoop):
         logits, present = super().step(ids, mask, past)
         assert all(np.isfinite(k).all() and np.isfinite(v).all() for k, v in present)
         return logits, present
+
+
+def portable_fp16():
+    """A fresh fp16 portable model of `random_llama(layers=LAYERS)`, traced once in the session."""
+    return portable_copy(random_llama(layers=LAYERS), key=f"random_llama-{LAYERS}", dtype="fp16")
 
 
 @pytest.fixture(scope="package")

@@ -12,7 +12,7 @@ from edgellama.errors import ExportError
 from edgellama.export import onnx_export as E
 from edgellama.export.lower import lower_onnx23, lower_onnx23_with_report
 from tests.conftest import left_padded_batch, ort_session, random_llama, teacher_forced
-from tests.export.lower.conftest import LAYERS, TOL, FiniteLoop, io_signature, ops
+from tests.export.lower.conftest import LAYERS, TOL, FiniteLoop, io_signature, ops, portable_fp16
 
 
 # -- structure ------------------------------------------------------------------------------------
@@ -121,13 +121,12 @@ def test_fp16_runs_on_cpu(tmp_path):
     """fp16 lowered: ORT CPU has fp16 kernels for all three ops; the fp16 attention mask (finite
     minimum -65504) keeps the caches finite; error stays that of the portable fp16 graph."""
     model = random_llama(layers=LAYERS)
-    proto = ir.serde.serialize_model(E.export_onnx(model, dtype="fp16", opset=23))
-    lowered, refusals = lower_onnx23_with_report(ir.serde.deserialize_model(proto))
+    lowered, refusals = lower_onnx23_with_report(portable_fp16())   # opset 23, the default
     assert refusals == [] and ops(lowered)[("", "Attention")] == LAYERS
     loop = FiniteLoop(ort_session(lowered, tmp_path / "onnx23"), model.config, "fp16")
     ids, mask = left_padded_batch(model.config.vocab_size)
     diff = teacher_forced(random_llama(layers=LAYERS), loop, ids, mask, steps=8)   # against fp32 torch
-    portable = FiniteLoop(ort_session(ir.serde.deserialize_model(proto), tmp_path / "portable"), model.config, "fp16")
+    portable = FiniteLoop(ort_session(portable_fp16(), tmp_path / "portable"), model.config, "fp16")
     base = teacher_forced(random_llama(layers=LAYERS), portable, ids, mask, steps=8)
     print(f"onnx23 fp16 vs torch fp32: {diff:.2e} (portable fp16: {base:.2e})")
     assert np.isfinite(diff) and diff <= max(3 * base, 1e-2)

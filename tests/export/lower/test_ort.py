@@ -11,7 +11,7 @@ from edgellama.errors import ExportError
 from edgellama.export import onnx_export as E
 from edgellama.export.lower import lower_ort, lower_ort_with_report
 from tests.conftest import OrtLoop, left_padded_batch, ort_session, random_llama, teacher_forced
-from tests.export.lower.conftest import LAYERS, TOL, io_signature, ops
+from tests.export.lower.conftest import LAYERS, TOL, io_signature, ops, portable_fp16
 
 
 # -- structure ------------------------------------------------------------------------------------
@@ -72,14 +72,13 @@ def test_fp32_parity_on_cpu(portable_fp32, provider, tmp_path):
 def test_fp16_runs_on_cpu(tmp_path):
     """fp16 lowered: every fused kernel has a CPU fp16 implementation; error stays that of fp16 itself."""
     model = random_llama(layers=LAYERS)
-    proto = ir.serde.serialize_model(E.export_onnx(model, dtype="fp16"))
-    lowered = lower_ort(ir.serde.deserialize_model(proto))
+    lowered = lower_ort(portable_fp16())
     assert ops(lowered)[("com.microsoft", "GroupQueryAttention")] == LAYERS
     loop = OrtLoop(ort_session(lowered, tmp_path / "ort"), model.config, "fp16")
     ids, mask = left_padded_batch(model.config.vocab_size)
     diff = teacher_forced(random_llama(layers=LAYERS), loop, ids, mask, steps=8)   # against fp32 torch
     # The yardstick: the portable fp16 graph on ORT (the same fp16 weights through plain ops).
-    portable = OrtLoop(ort_session(ir.serde.deserialize_model(proto), tmp_path / "portable"), model.config, "fp16")
+    portable = OrtLoop(ort_session(portable_fp16(), tmp_path / "portable"), model.config, "fp16")
     base = teacher_forced(random_llama(layers=LAYERS), portable, ids, mask, steps=8)
     print(f"ort fp16 vs torch fp32: {diff:.2e} (portable fp16: {base:.2e})")
     assert np.isfinite(diff) and diff <= max(3 * base, 1e-2)

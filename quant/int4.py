@@ -66,7 +66,8 @@ def _v_width(wm: common.WeightMatMul) -> int | None:
         node = use.node
         if node.op_type == "GroupQueryAttention" and use.idx == 0:
             heads, kv_heads = node.attributes["num_heads"].as_int(), node.attributes["kv_num_heads"].as_int()
-            n = wm.weight.shape[0] if wm.transposed else wm.weight.shape[-1]
+            shape = wm.weight.const_value.shape   # the initializer's own: the Value's may be unset in memory
+            n = shape[0] if wm.transposed else shape[-1]
             return n // (heads + 2 * kv_heads) * kv_heads
     return None
 
@@ -78,7 +79,8 @@ def _choose(wm: common.WeightMatMul, four: matmul_nbits.Choice,
     mod = common.module_name(wm.node)
     v = _v_width(wm) if mod.endswith(".qkv_proj") and "v_proj" in EIGHT_BIT_PROJECTIONS else None
     if v:
-        n = wm.weight.shape[0] if wm.transposed else wm.weight.shape[-1]
+        shape = wm.weight.const_value.shape
+        n = shape[0] if wm.transposed else shape[-1]
         return matmul_nbits.Columns((("qk", int(n) - v, four), ("v", v, eight)))
     return four if _is_four_bit(wm) else eight
 

@@ -168,3 +168,15 @@ def test_export_quant_in_memory_matches_quantize_folder(tiny, tiny_int8, tmp_pat
     assert manifest.quantization == expected.quantization and manifest.io == expected.io
     assert manifest.precision == "int8" and manifest.quantized_from == {"path": None, "model_sha256": None}
     assert set(manifest.files) == set(expected.files)
+
+
+def test_export_quant_int4_static_in_memory_matches_quantize_folder(tmp_path, capsys):
+    # The static contract's packed q|k|v weight keeps v at 8 bits: in memory its width is read from
+    # the initializer (the graph Value may carry no shape there), with the same bytes as from a folder.
+    fp32, direct = tmp_path / "fp32", tmp_path / "direct"
+    assert main(["export", "tiny", "--target", "ort", "-o", str(fp32), "--quiet"]) == 0
+    assert main(["quantize", str(fp32), "-o", str(tmp_path / "two-step"), "--mode", "int4", "--quiet"]) == 0
+    assert main(["export", "tiny", "--target", "ort", "-o", str(direct), "--quant", "int4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert folder.read_manifest(direct).kv_cache == "static"
+    assert (direct / "model.onnx.data").read_bytes() == (tmp_path / "two-step" / "model.onnx.data").read_bytes()

@@ -5,7 +5,10 @@
 (logprobs are read from the raw logits, before the penalty, the mask and the temperature, as vLLM
 reports them by default.) A `Call` owns its state (cache loop, random generator, per-row text)
 and is never shared between threads. It runs on a fresh loop, or on a loop it is given that
-already holds `prefix` (batch 1): a chat session's cache, or speculative decoding's. `Stream`
+already holds `prefix` (batch 1): a chat session's cache, or speculative decoding's. A batch may
+take one GenerationOptions per row that differ only in `PER_ROW` (max_new_tokens, stop, seed): each
+row then has its own length cap, stop strings and random generator, so it generates what it would
+alone (a server batching requests, serve/batcher.py); `drop(i)` ends one row early. `Stream`
 turns a call into an iterator of text pieces whose `.result` can be read after the loop, after an
 early `break`, or after `close()`.
 """
@@ -26,6 +29,13 @@ from edgellama.runtime.sampling import TokenLogprob, next_tokens, repetition_pen
 from edgellama.runtime.stopping import StopText, find_stop
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+# Options that may differ between the rows of one batch: everything else is one pipeline for all rows.
+PER_ROW = ("max_new_tokens", "stop", "seed", "defaults")
+
+
+def shared_options(options: GenerationOptions) -> tuple:
+    """The fields rows must agree on to share one call (hashable unless a constraint is given)."""
+    return tuple(getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in PER_ROW)
 
 
 @dataclasses.dataclass
@@ -73,11 +83,18 @@ class Call:
     """The state of one call on `gen` (a Generator): `rows` of new token ids, after `prefix` ids that
     `loop` already holds (a given loop: batch 1). `steps()` runs it; `results()` reads it."""
 
-    def __init__(self, gen: Any, rows: list[list[int]], *, options: GenerationOptions, loop: Any = None,
-                 prefix: Sequence[int] = (), text: bool = False):
+    def __init__(self, gen: Any, rows: list[list[int]], *, options: GenerationOptions | Sequence[GenerationOptions],
+                 loop: Any = None, prefix: Sequence[int] = (), text: bool = False):
         model = gen.model
         if not rows or not all(rows):
             raise RuntimeInputError("empty prompt: give at least one token")
+        per_row = not isinstance(options, GenerationOptions)
+        row_options = list(options) if per_row else [options] * len(rows)
+        if len(row_options) != len(rows) or not all(isinstance(o, GenerationOptions) for o in row_options):
+            raise RuntimeInputError("options: one GenerationOptions, or one per row")
+        options = row_options[0]
+        if any(shared_options(o) != shared_options(options) for o in row_options):
+            raise RuntimeInputError(f"the rows of one call may differ only in {', '.join(PER_ROW[:-1])}")
         prefix = [int(t) for t in prefix]
         if loop is not None and (len(rows) != 1 or loop.past_len != len(prefix)):
             raise RuntimeInputError("a call on a given cache takes one row, after the tokens the cache holds")
@@ -89,13 +106,18 @@ class Call:
             model.check_ids(np.asarray(r))
         self.gen, self.rows, self.options, self.loop, self.prefix = gen, rows, options, loop, prefix
         self.params = options.sampling
-        self.max_new = min(options.max_new_tokens, model.max_positions - longest)
-        self.capped = options.max_new_tokens - self.max_new
-        seed = options.seed
-        if seed is None and not self.params.greedy:
-            seed = int(np.random.SeedSequence().entropy % (1 << 63))
-        self.seed = seed
-        self.rng = None if self.params.greedy else np.random.default_rng(seed)
+        self.row_options = row_options
+        self.row_max = [min(o.max_new_tokens, model.max_positions - longest) for o in row_options]
+        self.max_new = max(self.row_max)
+        self.capped = options.max_new_tokens - self.row_max[0]
+        self.seeds = [o.seed for o in row_options]
+        if not self.params.greedy:
+            fresh = [int(np.random.SeedSequence().entropy % (1 << 63)) for _ in (row_options if per_row else rows[:1])]
+            self.seeds = [s if s is not None else fresh[i if per_row else 0] for i, s in enumerate(self.seeds)]
+        self.seed = self.seeds[0]
+        # Per-row options: one random generator per row, each drawing what the row alone would.
+        self.rng = None if self.params.greedy else (
+            [np.random.default_rng(s) for s in self.seeds] if per_row else np.random.default_rng(self.seed))
         self.stop_ids = gen.stop_ids if options.eos else frozenset()
         vocab = model.config.vocab_size
         self.seen = None
@@ -104,12 +126,14 @@ class Call:
             for i, r in enumerate(rows):
                 self.seen[i, prefix + r] = True
         self.constraints = [gen.constraint(options) for _ in rows] if options.constrained else None
-        self.texts = [StopText(gen.decode, options.stop) for _ in rows] if (text or options.stop) else None
+        self.texts = ([StopText(gen.decode, o.stop) for o in row_options]
+                      if (text or any(o.stop for o in row_options)) else None)
         self.pending = [""] * len(rows)      # released text not yet taken by a stream
         self.new: list[list[int]] = [[] for _ in rows]
         self.logprobs: list[list[TokenLogprob]] | None = [[] for _ in rows] if options.logprobs is not None else None
         self.done = [False] * len(rows)
         self.stop_reason: list[int | str | None] = [None] * len(rows)
+        self.cut: list[str | None] = [None] * len(rows)     # "length" / "cancelled": a row ended without a stop
         self.finished = False       # the loop ran to its end (not cancelled)
         self.reprefill_reason: str | None = None
         self.prefill_s = 0.0
@@ -175,6 +199,8 @@ class Call:
             for i, t in enumerate(tokens.tolist()):
                 if not self.done[i]:
                     self._record(i, t)
+                    if not self.done[i] and len(self.new[i]) >= self.row_max[i]:
+                        self.done[i], self.cut[i] = True, "length"
             yield tokens
             if all(self.done) or step == self.max_new - 1:
                 break
@@ -188,6 +214,12 @@ class Call:
                 tokens = self._choose(loop.step(feed, mask, last_pos))
             self.decode_s = time.perf_counter() - decode_start
         self.finished = True
+
+    def drop(self, i: int) -> None:
+        """End row i now (its reader left): its tokens are no longer recorded, its finish is "cancelled",
+        and the call ends once every row has."""
+        if not self.done[i]:
+            self.done[i], self.cut[i] = True, "cancelled"
 
     # -- reading it ---------------------------------------------------------------------------------
     def take_text(self, i: int, *, final: bool = False) -> str:
@@ -211,19 +243,22 @@ class Call:
         return self.gen.decode(new[:-1] if isinstance(reason, int) else new)
 
     def results(self) -> list[GenerationResult]:
-        out = []
-        for i, (row, new) in enumerate(zip(self.rows, self.new)):
-            n_decode = max(len(new) - 1, 0)
-            finish = "stop" if self.done[i] else ("length" if self.finished else "cancelled")
-            out.append(GenerationResult(
-                text=self._text(i), token_ids=list(new), prompt_tokens=len(self.prefix) + len(row),
-                finish_reason=finish, prefill_ms=self.prefill_s * 1e3, decode_ms=self.decode_s * 1e3,
-                decode_tokens_per_s=(n_decode / self.decode_s) if self.decode_s > 0 and n_decode else 0.0,
-                seed=self.seed, stop_reason=self.stop_reason[i], prefill_tokens=len(row), capped=self.capped,
-                logprobs=None if self.logprobs is None else list(self.logprobs[i]),
-                defaults=list(self.options.defaults), reused_tokens=len(self.prefix),
-                reprefill_reason=self.reprefill_reason))
-        return out
+        return [self.result(i) for i in range(len(self.rows))]
+
+    def result(self, i: int) -> GenerationResult:
+        """Row i's result (readable as soon as the row is done, while the others go on)."""
+        row, new = self.rows[i], self.new[i]
+        n_decode = max(len(new) - 1, 0)
+        finish = self.cut[i] or ("stop" if self.done[i] else ("length" if self.finished else "cancelled"))
+        opts = self.row_options[i]
+        return GenerationResult(
+            text=self._text(i), token_ids=list(new), prompt_tokens=len(self.prefix) + len(row),
+            finish_reason=finish, prefill_ms=self.prefill_s * 1e3, decode_ms=self.decode_s * 1e3,
+            decode_tokens_per_s=(n_decode / self.decode_s) if self.decode_s > 0 and n_decode else 0.0,
+            seed=self.seeds[i], stop_reason=self.stop_reason[i],
+            prefill_tokens=len(row), capped=opts.max_new_tokens - self.row_max[i],
+            logprobs=None if self.logprobs is None else list(self.logprobs[i]),
+            defaults=list(opts.defaults), reused_tokens=len(self.prefix), reprefill_reason=self.reprefill_reason)
 
 
 class Stream:

@@ -65,8 +65,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def next_tokens(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> np.ndarray:
-    """One token id per row of [B, V] logits (int64 [B])."""
+def next_tokens(logits: np.ndarray, params: SamplingParams,
+                rng: np.random.Generator | list[np.random.Generator] | None) -> np.ndarray:
+    """One token id per row of [B, V] logits (int64 [B]); `rng` one generator, or one per row (each row
+    then draws what it would alone)."""
     logits = np.asarray(logits)
     if params.greedy:
         return logits.argmax(axis=-1).astype(np.int64)     # first maximum, as torch.argmax
@@ -74,7 +76,8 @@ def next_tokens(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
         raise RuntimeInputError("sampling needs a random generator (pass a seed)")
     probs = _softmax(filter_logits(logits, params))
     cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(len(probs)) * cdf[:, -1]
+    draws = np.array([r.random() for r in rng]) if isinstance(rng, list) else rng.random(len(probs))
+    u = draws * cdf[:, -1]
     # Inverse-CDF draw: the first token whose cumulative probability exceeds u (never a removed token,
     # whose probability is exactly 0 and so never moves the CDF).
     ids = np.array([np.searchsorted(row, ui, side="right") for row, ui in zip(cdf, u)], dtype=np.int64)

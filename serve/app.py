@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from edgellama.errors import EdgellamaError
 from edgellama.serve import errors, generation
+from edgellama.serve.batcher import Batcher
 from edgellama.serve.engine import ERROR, PIECE, Admission, Job
 from edgellama.serve.errors import APIError
 from edgellama.serve.models import ServedModel
@@ -29,6 +30,7 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings | None = 
     if not models:
         raise EdgellamaError("no models to serve")
     admission = Admission(parallel=settings.parallel, queue=settings.queue)
+    batcher = Batcher(admission, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -38,6 +40,7 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings | None = 
 
     app = FastAPI(title="edgellama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.admission, app.state.settings = models, admission, settings
+    app.state.batcher = batcher
     errors.install(app)
     if settings.api_key:
         app.add_middleware(_KeyCheck, key=settings.api_key)
@@ -58,11 +61,11 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings | None = 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        return await _complete(req, request, models=models, admission=admission, settings=settings)
+        return await _complete(req, request, models=models, batcher=batcher, settings=settings)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await _complete(req, request, models=models, admission=admission, settings=settings)
+        return await _complete(req, request, models=models, batcher=batcher, settings=settings)
 
     return app
 
@@ -83,13 +86,10 @@ def _as_api_error(e: BaseException) -> APIError:
 
 
 async def _complete(req: ChatRequest | CompletionRequest, request: Request, *, models: dict[str, ServedModel],
-                    admission: Admission, settings: ServeSettings):
+                    batcher: Batcher, settings: ServeSettings):
     model = _model(models, req.model)
     call = generation.plan(model, req)
-    deadline = time.monotonic() + settings.timeout
-    await admission.acquire(deadline)
-    job = Job(call.start, admission=admission, deadline=deadline)
-    job.submit()
+    job = await batcher.start(call, deadline=time.monotonic() + settings.timeout)
     chat = isinstance(req, ChatRequest)
     reply = Reply(model=model.name, chat=chat)
     want_logprobs = req.n_logprobs is not None

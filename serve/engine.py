@@ -6,6 +6,8 @@ itself), so requests need no lock around the model: `parallel` worker threads ru
 `queue` more wait for one, and a request beyond that is refused with 429 rather than queued without
 bound. A slot is freed when its thread ends, which a client's disconnect or the request's deadline
 brings about at the next token (the generator is closed there, so its KV cache goes with it).
+Requests that can share one call are grouped in front of this by serve/batcher.py: a batch takes one
+slot and one thread, its rows count as waiting until it starts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class Stats:
     cancelled: int = 0
     timed_out: int = 0
     tokens: int = 0
+    batch_sizes: dict[int, int] = dataclasses.field(default_factory=dict)   # rows -> batches the batcher ran
+
+    def batched(self, rows: int) -> None:
+        self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
 
 
 class Admission:
@@ -43,19 +49,32 @@ class Admission:
         self._free: asyncio.Semaphore | None = None
 
     async def acquire(self, deadline: float) -> None:
+        self.check_room()
+        self.waiting += 1
+        try:
+            await self.take_slot(deadline)
+        except APIError:
+            self.stats.timed_out += 1
+            raise
+        finally:
+            self.waiting -= 1
+
+    def check_room(self) -> None:
+        """429 when every slot is taken and the queue is full (a request then never waits)."""
         if self._free is None:
             self._free = asyncio.Semaphore(self.parallel)
         if self._free.locked() and self.waiting >= self.queue:
             raise APIError(429, f"the server is busy ({self.active} running, {self.waiting} waiting); retry later",
                            type="requests", code="rate_limit_exceeded")
-        self.waiting += 1
+
+    async def take_slot(self, deadline: float) -> None:
+        """Wait for a free slot until `deadline` (a 504 past it); the caller counts what waited."""
+        if self._free is None:
+            self._free = asyncio.Semaphore(self.parallel)
         try:
             await asyncio.wait_for(self._free.acquire(), timeout=max(deadline - time.monotonic(), 0.001))
         except (asyncio.TimeoutError, TimeoutError):
-            self.stats.timed_out += 1
             raise timeout_error() from None
-        finally:
-            self.waiting -= 1
         self.active += 1
 
     def release(self) -> None:
@@ -64,8 +83,10 @@ class Admission:
         self._free.release()
 
     def snapshot(self) -> dict[str, Any]:
+        stats = dataclasses.asdict(self.stats)
+        stats["batch_sizes"] = {str(k): v for k, v in sorted(self.stats.batch_sizes.items())}
         return {"running": self.active, "waiting": self.waiting, "parallel": self.parallel, "queue": self.queue,
-                **dataclasses.asdict(self.stats)}
+                **stats}
 
 
 def timeout_error() -> APIError:
@@ -81,7 +102,7 @@ class Job:
     """One generation on a worker thread. `start()` (run there) returns an iterable of (text, logprobs)
     per token with `close()` and `result()`; `events` gets (PIECE, item) for each non-empty item, then
     (DONE, result) or (ERROR, exception). `cancel()` stops it at its next token; the slot is released
-    when the thread ends."""
+    when the thread ends. A batched request is a Job too: the batch's thread emits its events."""
 
     def __init__(self, start: Callable[[], Any], *, admission: Admission, deadline: float):
         self._start = start
@@ -92,15 +113,20 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
 
     def submit(self) -> None:
-        self._admission.pool.submit(self._run)
+        self._admission.pool.submit(self.run)
 
     def cancel(self) -> None:
         self._cancel.set()
 
-    def _emit(self, kind: str, value: Any) -> None:
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def emit(self, kind: str, value: Any) -> None:
         self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The generation, on a worker thread holding a slot (released when it ends)."""
         stats = self._admission.stats
         try:
             running = self._start()
@@ -111,17 +137,17 @@ class Job:
                         return
                     if time.monotonic() > self.deadline:
                         stats.timed_out += 1
-                        self._emit(ERROR, timeout_error())
+                        self.emit(ERROR, timeout_error())
                         return
                     if item[0] or item[1]:
-                        self._emit(PIECE, item)
+                        self.emit(PIECE, item)
             finally:
                 running.close()     # ends the call at once on an early return (its cache goes with it)
             res = running.result()
             stats.served += 1
             stats.tokens += len(res.token_ids)
-            self._emit(DONE, res)
+            self.emit(DONE, res)
         except BaseException as e:  # noqa: BLE001 - every failure reaches the request, typed or not
-            self._emit(ERROR, e)
+            self.emit(ERROR, e)
         finally:
             self._loop.call_soon_threadsafe(self._admission.release)

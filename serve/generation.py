@@ -1,5 +1,6 @@
 """A request turned into one Generator call: the prompt, its token count checked against the context,
-and the GenerationOptions fields; `start()` runs on the worker thread and opens the Stream."""
+and the GenerationOptions fields; `start()` runs on the worker thread and opens the Stream, or
+serve/batcher.py runs it as one row of a batch when `batch_key()` lets it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from edgellama.errors import EdgellamaError
+from edgellama.runtime.call import shared_options
 from edgellama.serve.errors import APIError, from_user_error
 from edgellama.serve.models import ServedModel
 from edgellama.serve.schemas import ChatRequest, CompletionRequest
@@ -24,6 +26,24 @@ class Call:
     chat: bool
     prompt_tokens: int
     kwargs: dict[str, Any]
+    ids: list[int]              # the prompt's token ids (what a batch row prefills)
+    options: Any                # the GenerationOptions the kwargs make
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.options.max_new_tokens
+
+    def batch_key(self) -> tuple | None:
+        """What this request must share with the other rows of a batch (model and every option but
+        max_tokens, stop and seed, which the call keeps per row), or None: it runs alone. Alone: a
+        constraint (one matcher per call, on its own thread), and a chat turn continuing a conversation,
+        which may find its kept session (a batch's rows keep no session)."""
+        if self.options.constrained:
+            return None
+        chats = self.model.chats
+        if self.chat and chats is not None and chats.size > 0 and any(m["role"] == "assistant" for m in self.prompt):
+            return None
+        return (self.model.name, shared_options(self.options))
 
     def start(self) -> "Running":
         gen = self.model.generator
@@ -111,7 +131,7 @@ def plan(model: ServedModel, req: ChatRequest | CompletionRequest) -> Call:
         kwargs["eos"] = False
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        gen.options(**kwargs)   # the options' own refusals (a stop string, a penalty) as a 400 here
+        options = gen.options(**kwargs)   # the options' own refusals (a stop string, a penalty) as a 400 here
     except EdgellamaError as e:
         raise from_user_error(e) from None
-    return Call(model=model, prompt=prompt, chat=chat, prompt_tokens=n, kwargs=kwargs)
+    return Call(model=model, prompt=prompt, chat=chat, prompt_tokens=n, kwargs=kwargs, ids=list(ids), options=options)

@@ -5,6 +5,8 @@ name, or NAME=PATH. Routes: /v1/chat/completions and /v1/completions (stream=tru
 server-sent events), /v1/models, /health. Binds 127.0.0.1 unless --host says otherwise; with
 --api-key (or $EDGELLAMA_API_KEY) every /v1 route wants `Authorization: Bearer KEY`. --parallel
 generations run at once and --queue more wait (beyond that: 429); --timeout bounds a request.
+Requests arriving within --batch-window-ms that can share one call (same sampling settings; no
+constraint, no kept chat session to continue) run as one batch of up to --max-batch rows.
 A client that resends a conversation this server answered reuses its KV cache (--chat-sessions
 kept per model; usage.prompt_tokens_details.cached_tokens says how many prompt tokens it saved).
 SIGINT/SIGTERM stop accepting connections and finish the replies in flight. --port 0 picks a free
@@ -32,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="generations running at once (default 4)")
     p.add_argument("--queue", type=int, default=32, metavar="N", help="requests waiting for a slot (default 32)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds per request (default 600)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
+                   help="requests that can share one call and arrive within MS run as one batch (default 5)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per batch at most (1: no batching; "
+                   "default 8)")
     p.add_argument("--chat-sessions", type=int, default=4, metavar="N",
                    help="idle conversations kept per model with their KV cache, for clients that resend "
                         "them (default 4)")
@@ -54,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise EdgellamaError("--replicas needs --ray (one process serves one replica)")
     parse_specs(args.models)   # names checked before anything loads
     settings = ServeSettings.with_env_key(api_key=args.api_key, parallel=args.parallel, queue=args.queue,
-                                          timeout=args.timeout)
+                                          timeout=args.timeout, batch_window_ms=args.batch_window_ms,
+                                          max_batch=args.max_batch)
     _need("fastapi", "uvicorn")
     if args.ray is not None:
         _need("ray")

@@ -3,12 +3,15 @@ Generator in-process.
 
     .venv/bin/python bench/serve.py [--folder /tmp/serve-smollm2] [--tokens 64] [--rounds 3]
 
-Exports smollm2 once into --folder (reused when present), starts `edgellama serve` on it in a
-subprocess, and prints, with medians over interleaved rounds:
+Exports smollm2 once into --folder (reused when present), starts `edgellama serve` on it twice in
+subprocesses (the micro-batcher on, as by default, and off: --max-batch 1), and prints, with medians
+over interleaved rounds:
   - decode tokens/s streamed through the server vs in-process `Generator.stream` (goal >= 0.9x)
-  - time to first token through the server minus the in-process prefill (goal <= 20 ms)
-  - 8 concurrent clients: every reply complete and equal to its serial run; tokens/s vs 1 client
-  - whether batching would pay: one `generate_ids` batch of the 8 prompts vs the 8 one after another
+  - time to first token through the server minus the in-process prefill (goal <= 20 ms), on both
+    servers (a lone request on the batching one waits out the batch window)
+  - 8 concurrent clients on each server: every reply complete and equal to its serial run; tokens/s
+    vs 1 client, and the batch sizes the batcher formed (its /health)
+  - in-process: one `generate_ids` batch of the 8 prompts vs the 8 one after another
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ def export_once(folder: Path) -> Path:
     return folder
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "edgellama", "serve", f"smollm2={folder}", "--port", "0",
-                             "--provider", "cpu", "--parallel", "8", "--log-level", "warning"],
+                             "--provider", "cpu", "--parallel", "8", "--log-level", "warning", *extra],
                             stderr=subprocess.PIPE, text=True)
     url = re.search(r"at (http://\S+/v1)", proc.stderr.readline()).group(1)
     import http.client
@@ -89,6 +92,26 @@ def ask(api, question: str, tokens: int) -> tuple[str, int]:
     return r.choices[0].message.content, r.usage.completion_tokens
 
 
+def health(url: str) -> dict:
+    import http.client
+
+    host, port = re.match(r"http://([^:]+):(\d+)", url).groups()
+    c = http.client.HTTPConnection(host, int(port), timeout=10)
+    c.request("GET", "/health")
+    return json.loads(c.getresponse().read())
+
+
+def concurrent_clients(url: str, tokens: int) -> tuple[list[tuple[str, int]], float]:
+    """The 8 questions from 8 clients at once: (replies, seconds from the first request to the last reply)."""
+    import openai
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        replies = list(pool.map(lambda q: ask(openai.OpenAI(base_url=url, api_key="unused", max_retries=0,
+                                                            timeout=600), q, tokens), QUESTIONS))
+    return replies, time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", type=Path, default=Path("/tmp/serve-smollm2"))
@@ -104,37 +127,54 @@ def main() -> None:
     folder = export_once(args.folder)
     gen = Generator(folder, provider="cpu")
     proc, url = start_server(folder)
+    proc_off, url_off = start_server(folder, "--max-batch", "1")
     try:
         api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        api_off = openai.OpenAI(base_url=url_off, api_key="unused", max_retries=0, timeout=600)
         through_server(api, 8)
-        in_process(gen, 8)      # warm both sides
-        local, remote = [], []
+        through_server(api_off, 8)
+        in_process(gen, 8)      # warm every side
+        local, remote, remote_off = [], [], []
         for _ in range(args.rounds):
             local.append(in_process(gen, args.tokens))
             remote.append(through_server(api, args.tokens))
+            remote_off.append(through_server(api_off, args.tokens))
         prefill = statistics.median(x[0] for x in local)
-        ttft = statistics.median(x[0] for x in remote)
         tps_local = statistics.median(x[1] for x in local)
-        tps_remote = statistics.median(x[1] for x in remote)
-        print(f"decode tokens/s: in-process {tps_local:.1f}, through serve {tps_remote:.1f}, "
-              f"ratio {tps_remote / tps_local:.3f} (goal >= 0.9)")
-        print(f"first token: serve {ttft:.1f} ms, in-process prefill {prefill:.1f} ms, "
-              f"difference {ttft - prefill:.1f} ms (goal <= 20)")
+        for label, runs in (("batcher on", remote), ("batcher off", remote_off)):
+            ttft = statistics.median(x[0] for x in runs)
+            tps_remote = statistics.median(x[1] for x in runs)
+            print(f"[{label}] decode tokens/s: in-process {tps_local:.1f}, through serve {tps_remote:.1f}, "
+                  f"ratio {tps_remote / tps_local:.3f} (goal >= 0.9)")
+            print(f"[{label}] first token: serve {ttft:.1f} ms, in-process prefill {prefill:.1f} ms, "
+                  f"difference {ttft - prefill:.1f} ms (goal <= 20)")
 
         n = args.concurrent_tokens
         t0 = time.perf_counter()
-        serial = [ask(api, q, n) for q in QUESTIONS]
+        serial = [ask(api_off, q, n) for q in QUESTIONS]
         t_serial = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-            concurrent = list(pool.map(lambda q: ask(openai.OpenAI(base_url=url, api_key="unused", max_retries=0,
-                                                                   timeout=600), q, n), QUESTIONS))
-        t_conc = time.perf_counter() - t0
-        same = sum(a == b for a, b in zip(serial, concurrent))
-        tokens = sum(c for _, c in concurrent)
-        print(f"8 concurrent clients: {same}/8 replies identical to serial, all complete: "
-              f"{all(c > 0 for _, c in concurrent)}; throughput {tokens / t_conc:.1f} tokens/s vs 1 client "
-              f"{sum(c for _, c in serial) / t_serial:.1f} tokens/s ({t_serial / t_conc:.2f}x)")
+        tps_serial = sum(c for _, c in serial) / t_serial
+        # Interleaved rounds, each server's rate its median; every reply checked against the serial run.
+        rates: dict[str, list[float]] = {"batcher off": [], "batcher on": []}
+        identical = {k: 0 for k in rates}
+        complete = {k: True for k in rates}
+        before = health(url)["batch_sizes"]
+        for _ in range(args.rounds):
+            for label, u in (("batcher off", url_off), ("batcher on", url)):
+                replies, seconds = concurrent_clients(u, n)
+                rates[label].append(sum(c for _, c in replies) / seconds)
+                identical[label] += sum(a == b for a, b in zip(serial, replies))
+                complete[label] &= all(c > 0 for _, c in replies)
+        for label, r in rates.items():
+            tps = statistics.median(r)
+            print(f"[{label}] 8 concurrent clients: {identical[label]}/{8 * args.rounds} replies identical to "
+                  f"serial, all complete: {complete[label]}; throughput {tps:.1f} tokens/s vs 1 client "
+                  f"{tps_serial:.1f} tokens/s ({tps / tps_serial:.2f}x)")
+        on, off = statistics.median(rates["batcher on"]), statistics.median(rates["batcher off"])
+        after = health(url)["batch_sizes"]
+        formed = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+        print(f"batcher on vs off, 8 concurrent clients: {on / off:.2f}x tokens/s; batches formed in "
+              f"{args.rounds} rounds (rows: batches) {formed}")
 
         ids = [gen.encode([{"role": "user", "content": q}], chat=True) for q in QUESTIONS]
         t0 = time.perf_counter()
@@ -147,9 +187,11 @@ def main() -> None:
         print(f"batching (in-process, {gen.loop_mode} loop): 8 prompts one after another {t_alone:.2f} s, "
               f"one batch of 8 {t_batch:.2f} s ({t_alone / t_batch:.2f}x); rows equal to alone: {agree}/8")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    print(json.dumps({"cpu_count": os.cpu_count()}))
+        for p in (proc, proc_off):
+            p.send_signal(signal.SIGTERM)
+        for p in (proc, proc_off):
+            p.wait(timeout=120)
+    print(json.dumps({"cpu_count": os.cpu_count(), "load_average": os.getloadavg()}))
 
 
 if __name__ == "__main__":

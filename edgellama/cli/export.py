@@ -23,6 +23,7 @@ config, target, dtype, quantization, io, files with sizes and sha256).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from edgellama.cli.quantize import add_quant_arguments
@@ -49,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
+    import warnings
 
-    from edgellama.export.onnx_export import export_model
+    from edgellama.export.onnx_export import NoTokenizerWarning, export_model
     from edgellama.progress import Progress
 
     start = time.perf_counter()
@@ -72,9 +74,16 @@ def run(args: argparse.Namespace) -> int:
             # No fp32 folder was written: nothing on disk to point at or hash.
             return quantized_manifest(manifest, model, entry, quantized_from={"path": None, "model_sha256": None})
 
-    out = export_model(args.source, args.output, target=args.target, dtype=args.dtype, opset=args.opset,
-                       provider=args.provider, force=args.force, progress=progress, finish=finish,
-                       kv_cache=args.kv_cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoTokenizerWarning)
+        out = export_model(args.source, args.output, target=args.target, dtype=args.dtype, opset=args.opset,
+                           provider=args.provider, force=args.force, progress=progress, finish=finish,
+                           kv_cache=args.kv_cache)
+    for w in caught:   # ours as one line, as errors are; anything else as Python shows it
+        if issubclass(w.category, NoTokenizerWarning):
+            print(f"edgellama: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if args.json:
         from edgellama.cli.output import folder_payload, print_json
 

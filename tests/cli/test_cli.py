@@ -87,3 +87,20 @@ def test_help_shows_every_default(command):
     doc = sys.modules[f"edgellama.cli.{command}"].__doc__
     indented = [line for line in doc.splitlines() if line.startswith("  ") and line.strip()]
     assert all(line in text for line in indented)
+
+
+def test_export_of_a_source_without_a_tokenizer_warns_in_one_line(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from edgellama.export.sources import save_hf_folder
+
+    hf = save_hf_folder("tiny", tmp_path / "hf")
+    bare = shutil.copytree(hf, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    r = subprocess.run([sys.executable, "-m", "edgellama.cli.main", "export", str(bare), "-o", str(tmp_path / "out"),
+                        "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgellama: warning: ") and "tokenizer" in lines[0], r.stderr
+    assert not (tmp_path / "out" / "tokenizer.json").exists()

@@ -42,6 +42,9 @@ _NOT_WEIGHTS = re.compile(r"^(rope_freqs|rope_factors_\w+)\.weight$")
 _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"}
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's split (Qwen2/2.5/3 and the distills built on them): Llama 3's with single digits, after NFC.
+_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 
 
@@ -304,7 +307,7 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
         return _sentencepiece_tokenizer(reader, meta, path)
     if kind != "gpt2" or "tokenizer.ggml.merges" not in reader.fields:
         return None
-    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
     tokens = _list(reader, "tokens", str, path=path)
@@ -322,9 +325,12 @@ def _tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad vocabulary
         raise SourceError(f"{path}: malformed tokenizer metadata ({_first_line(e)})") from None
-    if meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE:
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre in _LLAMA3_PRE or pre in _QWEN2_PRE:
+        if pre in _QWEN2_PRE:
+            backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT if pre in _QWEN2_PRE else _LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

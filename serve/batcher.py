@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Any
 
 from edgellama.runtime.call import Call as BatchCall
 from edgellama.serve.engine import DONE, ERROR, PIECE, Admission, Job, timeout_error

@@ -18,10 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgellama.check.sweep_plan import Cell
-from edgellama.contract import positions_from_mask
 from edgellama.errors import CheckFailed, EdgellamaError
 
 
@@ -65,7 +62,6 @@ def parity_figures(report: dict[str, Any]) -> dict[str, Any]:
 
 def _quality(cell: Cell, folder: Path) -> dict[str, Any]:
     from edgellama.check import quality
-    from edgellama.check.parity_sides import OrtSide
     from edgellama.export.sources import load_model
 
     s = cell.settings
@@ -77,13 +73,7 @@ def _quality(cell: Cell, folder: Path) -> dict[str, Any]:
     windows = quality.make_windows(ids, window=min(s.window, model.config.max_position_embeddings),
                                    bos_id=tokenizer.bos_token_id)
     ref = quality.evaluate(quality.torch_logits_fn(model), windows, keep_logprobs=True)
-    # OrtSide runs both KV cache contracts (the static one on its all-positions graph) on any provider.
-    side = OrtSide(folder, provider=cell.provider, threads=s.threads, verify=False)
-
-    def logits(ids):
-        mask = np.ones_like(ids, dtype=np.int64)
-        return side.forward(ids, mask, positions_from_mask(mask), side.empty_past(ids.shape[0]))[0]
-
+    logits = quality.folder_logits_fn(folder, provider=cell.provider, threads=s.threads)
     got = quality.evaluate(logits, windows, reference=ref.logprobs).scores
     return {"tokens": got.tokens, "ppl": got.ppl, "reference_ppl": ref.scores.ppl, "kl_mean": got.kl_mean,
             "top1": got.top1}

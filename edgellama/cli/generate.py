@@ -5,7 +5,8 @@ MODEL is a folder written by `edgellama export` or `edgellama quantize`. Greedy 
 prompt in the model's chat template. --stop S ends the answer before the first S (repeatable;
 never printed), --repetition-penalty R as transformers applies it, --logprobs K reports each
 token's log-probability and the K most likely ones (in --json). --json-schema FILE or --regex R
-constrain the output. Options left out come from the folder's generation_config.json when it has
+constrain the output. --speculative prompt-lookup (or a draft model folder) decodes several
+tokens per forward pass with the same output as without it. Options left out come from the folder's generation_config.json when it has
 one. --prompt-ids 1,2,3 gives token ids instead of text (a folder without a tokenizer then prints
 the new ids). --json prints one JSON object (schema edgellama.generate) instead of streaming: text,
 token_ids, prompt_tokens, finish_reason, stop_reason, logprobs, capped, prefill_ms, decode_ms,
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="report each token's logprob and the K most likely (with --json)")
     p.add_argument("--json-schema", type=Path, default=None, metavar="FILE", help="constrain the output to this schema")
     p.add_argument("--regex", default=None, metavar="R", help="constrain the output to this regular expression")
+    p.add_argument("--speculative", default=None, metavar="DRAFT",
+                   help="exact speculative decoding (static-cache folders, one prompt): 'prompt-lookup', or a "
+                        "draft model folder of the same vocabulary (e.g. an int4 export of the same model)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -71,16 +75,18 @@ def run(args: argparse.Namespace) -> int:
     prompt = None if ids is not None else (_stdin_text() if args.prompt == "-" else args.prompt)
     gen = Generator(args.model, provider=args.provider, threads=args.threads)
     opts = gen.options(**kwargs)
+    spec = {"speculative": args.speculative} if args.speculative else {}
     if args.json:
-        result = (gen.generate_ids(ids, options=opts)[0] if ids is not None
-                  else gen.generate(prompt, chat=args.chat, options=opts))
+        result = (gen.generate_ids(ids, options=opts, **spec)[0] if ids is not None
+                  else gen.generate(prompt, chat=args.chat, options=opts, **spec))
         print_json("generate", {**result.to_dict(), "provider": gen.model.provider})
         return 0
     if ids is not None and gen.tokenizer_or_none is None:
-        result = gen.generate_ids(ids, options=opts)[0]
+        result = gen.generate_ids(ids, options=opts, **spec)[0]
         print(",".join(map(str, result.token_ids)))
         return 0
-    stream = gen.stream_ids(ids, options=opts) if ids is not None else gen.stream(prompt, chat=args.chat, options=opts)
+    stream = (gen.stream_ids(ids, options=opts, **spec) if ids is not None
+              else gen.stream(prompt, chat=args.chat, options=opts, **spec))
     with stream:
         for piece in stream:
             sys.stdout.write(piece)

@@ -124,6 +124,19 @@ def test_stop_strings_from_the_command_line(tiny, capsys):
     assert rc == 0 and out == free.text[:free.text.index(stop)] + "\n"
 
 
+def test_speculative_from_the_command_line_gives_the_same_tokens(tiny, capsys):
+    # A prompt that repeats itself, so prompt lookup has drafts to verify.
+    argv = ["generate", str(tiny), "--prompt-ids", ",".join(["5,6,7,8"] * 6), "--provider", "cpu",
+            "--max-new-tokens", "24", "--no-eos", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--speculative", "prompt-lookup"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["token_ids"] == plain["token_ids"] and len(spec["token_ids"]) == 24
+    rc = main(["generate", str(tiny), "--prompt", "hi", "--provider", "cpu", "--speculative", "no-such-drafter"])
+    one_line_error(rc, capsys.readouterr().err, "no-such-drafter is not a model folder")
+
+
 def test_prompt_ids_without_a_tokenizer_print_ids(tmp_path, capsys):
     from edgellama.runtime import Generator
 

@@ -59,13 +59,13 @@ def test_folder_records_the_contract(pair):
 def test_greedy_equals_the_dynamic_contract(pair, static_gen):
     dyn = Generator(pair[1], provider="cpu")
     for prompt in PROMPTS:
-        assert (tokens(static_gen.generate_ids(prompt, max_new_tokens=24, stop=False))
-                == tokens(dyn.generate_ids(prompt, max_new_tokens=24, stop=False)))
+        assert (tokens(static_gen.generate_ids(prompt, max_new_tokens=24, eos=False))
+                == tokens(dyn.generate_ids(prompt, max_new_tokens=24, eos=False)))
 
 
 def test_left_padded_batch_of_three_equals_rows_alone(static_gen):
-    batch = tokens(static_gen.generate_ids(PROMPTS, max_new_tokens=12, stop=False))
-    alone = [static_gen.generate_ids(p, max_new_tokens=12, stop=False)[0].token_ids for p in PROMPTS]
+    batch = tokens(static_gen.generate_ids(PROMPTS, max_new_tokens=12, eos=False))
+    alone = [static_gen.generate_ids(p, max_new_tokens=12, eos=False)[0].token_ids for p in PROMPTS]
     assert batch == alone
 
 
@@ -87,15 +87,15 @@ def test_right_padded_batch_of_three_equals_rows_alone(static_gen):
 
 def test_stop_tokens_sampling_and_threads_as_the_dynamic_contract(pair, static_gen):
     dyn = Generator(pair[1], provider="cpu")
-    kw = dict(max_new_tokens=12, temperature=1.2, top_p=0.9, seed=11, stop=False)
+    kw = dict(max_new_tokens=12, temperature=1.2, top_p=0.9, seed=11, eos=False)
     assert tokens(static_gen.generate_ids(PROMPTS, **kw)) == tokens(dyn.generate_ids(PROMPTS, **kw))
-    free = static_gen.generate_ids(PROMPTS[0], max_new_tokens=20, stop=False)[0].token_ids
+    free = static_gen.generate_ids(PROMPTS[0], max_new_tokens=20, eos=False)[0].token_ids
     gen = Generator(pair[0], provider="cpu")
     gen.stop_ids = frozenset({free[3]})
     res = gen.generate_ids(PROMPTS[0], max_new_tokens=20)[0]
     assert res.token_ids == free[:free.index(free[3]) + 1] and res.finish_reason == "stop"
     jobs = [([3 + i % 5, 4, 5 + i % 3], dict(max_new_tokens=10, temperature=1.0 if i % 2 else 0.0, seed=i,
-                                             stop=False)) for i in range(8)]
+                                             eos=False)) for i in range(8)]
     serial = [static_gen.generate_ids(p, **k)[0].token_ids for p, k in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         threaded = [f.result() for f in [pool.submit(lambda p=p, k=k: static_gen.generate_ids(p, **k)[0].token_ids)
@@ -147,11 +147,11 @@ def test_quantized_static_folder(pair, tmp_path, mode):
     assert json.loads((out_s / "edgellama.json").read_text())["kv_cache"] == "static"
     gen_s, gen_d = Generator(out_s, provider="cpu"), Generator(out_d, provider="cpu")
     assert gen_s.loop_mode == "static"
-    got = gen_s.generate_ids(PROMPTS, max_new_tokens=8, stop=False)
+    got = gen_s.generate_ids(PROMPTS, max_new_tokens=8, eos=False)
     assert all(len(r.token_ids) == 8 for r in got)
     # The same weights and smoothing: the same tokens. int4 keeps the packed q|k|v's v columns at
     # 8 bits, as the dynamic graph keeps v_proj.
-    assert tokens(got) == tokens(gen_d.generate_ids(PROMPTS, max_new_tokens=8, stop=False))
+    assert tokens(got) == tokens(gen_d.generate_ids(PROMPTS, max_new_tokens=8, eos=False))
     if mode == "int4":
         record = json.loads((out_s / "edgellama.json").read_text())["quantization"][0]
         layers = json.loads((static / "edgellama.json").read_text())["config"]["num_hidden_layers"]
@@ -167,7 +167,7 @@ def test_genai_greedy_equals_ours_on_a_static_folder(pair):
     static = pair[0]
     ours = Generator(static, provider="cpu")
     prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
-    mine = ours.generate_ids(prompt, max_new_tokens=16, stop=False)[0].token_ids
+    mine = ours.generate_ids(prompt, max_new_tokens=16, eos=False)[0].token_ids
     assert genai_greedy(static, prompt, 16) == _until_eos(mine, genai_eos_ids(static))
 
 
@@ -177,8 +177,8 @@ def test_smollm2_fp32_greedy_64_tokens_equals_the_dynamic_contract(tmp_path_fact
     static = Generator(_export(root / "static", kv_cache="static", source="smollm2"), provider="cpu")
     dynamic = Generator(_export(root / "dynamic", kv_cache="dynamic", source="smollm2"), provider="cpu")
     prompt = static.encode("The capital of France is Paris. The capital of Germany is")
-    assert (tokens(static.generate_ids(prompt, max_new_tokens=64, stop=False))
-            == tokens(dynamic.generate_ids(prompt, max_new_tokens=64, stop=False)))
+    assert (tokens(static.generate_ids(prompt, max_new_tokens=64, eos=False))
+            == tokens(dynamic.generate_ids(prompt, max_new_tokens=64, eos=False)))
 
 
 def test_parity_of_a_static_folder_against_torch(pair):

@@ -63,9 +63,9 @@ def test_bench_runs_our_generator_on_the_toy(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from edgellama.export.onnx_export import export_model
+    from tests.conftest import shared_export
 
-    return export_model("smollm2", tmp_path_factory.mktemp("cli") / "smollm2", target="ort", force=True)
+    return shared_export(tmp_path_factory, "smollm2", target="ort")
 
 
 @pytest.mark.slow
@@ -94,9 +94,9 @@ def test_generate_sampling_is_seeded(smollm2):
 # -- issue 14 flags ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from edgellama.export.onnx_export import export_model
+    from tests.conftest import shared_export
 
-    return export_model("tiny", tmp_path_factory.mktemp("gen14") / "tiny", target="ort", force=True)
+    return shared_export(tmp_path_factory, "tiny", target="ort")
 
 
 def test_json_has_the_schema_and_the_new_fields(tiny, capsys):

@@ -184,11 +184,10 @@ def test_bad_tokenizer_and_ids_are_one_line(tok):
 @pytest.fixture(scope="module")
 def tiny_gen(tmp_path_factory):
     pytest.importorskip("torch")
-    from edgellama.export.onnx_export import export_model
     from edgellama.runtime.generator import Generator
+    from tests.conftest import shared_export
 
-    return Generator(export_model("tiny", tmp_path_factory.mktemp("constraints") / "tiny", target="ort", force=True),
-                     provider="cpu")
+    return Generator(shared_export(tmp_path_factory, "tiny", target="ort"), provider="cpu")
 
 
 def person(gen, prompt: str, *, temperature: float, seed: int, max_new_tokens: int = 120) -> str:
@@ -227,11 +226,10 @@ def test_a_regex_and_a_bad_schema_through_the_generator(tiny_gen):
 def test_smollm2_sampled_json_all_validate(tmp_path_factory):
     import jsonschema
 
-    from edgellama.export.onnx_export import export_model
     from edgellama.runtime.generator import Generator
+    from tests.conftest import shared_export
 
-    gen = Generator(export_model("smollm2", tmp_path_factory.mktemp("constraints") / "smollm2", target="ort",
-                                 force=True), provider="cpu")
+    gen = Generator(shared_export(tmp_path_factory, "smollm2", target="ort"), provider="cpu")
     for seed in range(12):     # bench/constraints.py runs 50
         text = gen.generate("Describe a person as JSON with a name and an age.", chat=True, max_new_tokens=96,
                             temperature=1.0, seed=seed, json_schema=PERSON).text

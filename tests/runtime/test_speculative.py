@@ -28,9 +28,9 @@ def text_gen(text_folders):
 def tiny_static(tmp_path_factory):
     """tiny's own random weights, static ort folder."""
     pytest.importorskip("torch")
-    from edgellama.export.onnx_export import export_model
+    from tests.conftest import shared_export
 
-    return export_model("tiny", tmp_path_factory.mktemp("spec-tiny") / "static", target="ort", force=True)
+    return shared_export(tmp_path_factory, "tiny", target="ort")
 
 
 def always_drafting(num_draft: int = 8) -> Switch:

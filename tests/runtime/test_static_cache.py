@@ -17,23 +17,22 @@ from edgellama.runtime import kv_loop
 from edgellama.runtime.generator import Generator
 from edgellama.runtime.session import OrtModel
 from edgellama.runtime.static_loop import StaticCache, buffer_slots
+from tests.conftest import shared_export
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12], [40, 41, 42]]
 
 
-def _export(out, *, kv_cache, dtype="fp32", source="tiny"):
-    from edgellama.export.onnx_export import export_model
-
-    return export_model(source, out, target="ort", dtype=dtype, kv_cache=kv_cache, force=True)
+def _export(tmp_path_factory, *, kv_cache, dtype="fp32", source="tiny"):
+    # The session's shared folder of these options (read only here).
+    return shared_export(tmp_path_factory, source, target="ort", dtype=dtype, kv_cache=kv_cache)
 
 
 @pytest.fixture(scope="module", params=["fp32", "fp16"])
 def pair(request, tmp_path_factory):
     """(static, dynamic) ort folders of tiny in one dtype."""
     pytest.importorskip("torch")
-    root = tmp_path_factory.mktemp(f"static-{request.param}")
-    return (_export(root / "static", kv_cache=None, dtype=request.param),
-            _export(root / "dynamic", kv_cache="dynamic", dtype=request.param))
+    return (_export(tmp_path_factory, kv_cache=None, dtype=request.param),
+            _export(tmp_path_factory, kv_cache="dynamic", dtype=request.param))
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +172,8 @@ def test_genai_greedy_equals_ours_on_a_static_folder(pair):
 
 @pytest.mark.slow
 def test_smollm2_fp32_greedy_64_tokens_equals_the_dynamic_contract(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smollm2-static")
-    static = Generator(_export(root / "static", kv_cache="static", source="smollm2"), provider="cpu")
-    dynamic = Generator(_export(root / "dynamic", kv_cache="dynamic", source="smollm2"), provider="cpu")
+    static = Generator(_export(tmp_path_factory, kv_cache="static", source="smollm2"), provider="cpu")
+    dynamic = Generator(_export(tmp_path_factory, kv_cache="dynamic", source="smollm2"), provider="cpu")
     prompt = static.encode("The capital of France is Paris. The capital of Germany is")
     assert (tokens(static.generate_ids(prompt, max_new_tokens=64, eos=False))
             == tokens(dynamic.generate_ids(prompt, max_new_tokens=64, eos=False)))

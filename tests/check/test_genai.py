@@ -57,7 +57,7 @@ def tiny(tmp_path_factory):
 def test_genai_greedy_equals_ours_on_tiny(tiny):
     ours = Generator(tiny, provider="cpu")
     prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
-    mine = ours.generate_ids(prompt, max_new_tokens=16, stop=False)[0].token_ids
+    mine = ours.generate_ids(prompt, max_new_tokens=16, eos=False)[0].token_ids
     assert genai_greedy(tiny, prompt, 16) == _until_eos(mine, genai_eos_ids(tiny))
 
 
@@ -67,7 +67,7 @@ def test_genai_greedy_equals_ours_on_smollm2(tmp_path_factory, target):
     folder = shared_export(tmp_path_factory, "smollm2", target=target)
     ours = Generator(folder, provider="cpu")
     prompt = ours.encode("What is the capital of France?", chat=True)
-    mine = ours.generate_ids(prompt, max_new_tokens=24, stop=False)[0].token_ids
+    mine = ours.generate_ids(prompt, max_new_tokens=24, eos=False)[0].token_ids
     theirs = genai_greedy(folder, prompt, 24)
     assert theirs == _until_eos(mine, genai_eos_ids(folder))
     # Both ended the answer before the token limit (the end-of-sequence handling agrees), and it is Paris.

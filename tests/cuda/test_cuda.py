@@ -244,8 +244,8 @@ def test_greedy_tiny_fp32_cuda_equals_cpu(work, name):
     on_dev = Generator(path, provider=PROVIDER)
     on_cpu = Generator(path, provider="cpu")
     for rows in ([prompts[0]], prompts):
-        dev = [r.token_ids for r in on_dev.generate_ids(rows, max_new_tokens=32, stop=False)]
-        cpu = [r.token_ids for r in on_cpu.generate_ids(rows, max_new_tokens=32, stop=False)]
+        dev = [r.token_ids for r in on_dev.generate_ids(rows, max_new_tokens=32, eos=False)]
+        cpu = [r.token_ids for r in on_cpu.generate_ids(rows, max_new_tokens=32, eos=False)]
         first = [next((i for i, (a, b) in enumerate(zip(d, c)) if a != b), None) for d, c in zip(dev, cpu)]
         assert dev == cpu, f"{name}: {PROVIDER} greedy tokens differ from the CPU's (first divergence per row {first})"
 

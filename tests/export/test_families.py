@@ -264,7 +264,7 @@ def test_generator_greedy_equals_transformers(name, ort_folders):
     ids, mask, want = family_greedy(name)
     want = want.tolist()
     rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    got = [r.token_ids for r in Generator(folder).generate_ids(rows, max_new_tokens=GREEDY, stop=False)]
+    got = [r.token_ids for r in Generator(folder).generate_ids(rows, max_new_tokens=GREEDY, eos=False)]
     assert got == want
 
 
@@ -296,7 +296,7 @@ def test_quantize_and_generate(name, mode, ort_folders, tmp_path):
     from edgellama.runtime.generator import Generator
 
     q = quantize_folder(ort_folders[name], tmp_path / mode, mode=mode)
-    res = Generator(q).generate_ids([[5, 9, 33, 70], [12, 8]], max_new_tokens=8, stop=False)
+    res = Generator(q).generate_ids([[5, 9, 33, 70], [12, 8]], max_new_tokens=8, eos=False)
     assert [len(r.token_ids) for r in res] == [8, 8]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellama.errors import EdgellamaError
+from edgellama.folder import json_safe
 
 _COLS = (("max_abs", "max abs"), ("max_rel", "max rel"), ("p999_abs", "p99.9 abs"), ("cosine", "cosine"),
          ("kl_mean", "KL mean"), ("kl_max", "KL max"), ("top1", "top-1"), ("top5", "top-5"))
@@ -130,19 +131,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _plain(x: Any) -> Any:
-    """JSON cannot hold inf/NaN: write them as the strings "inf", "-inf", "nan"."""
-    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-        return "nan" if x != x else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
 def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(_plain(report), indent=2) + "\n"
+    return json.dumps(json_safe(report), indent=2) + "\n"
 
 
 def check_paths(*, json_path: Path | None = None, markdown_path: Path | None = None) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -199,6 +200,17 @@ def inside(folder: Path, name: str, *, what: str = "file", hub_cache: bool = Fal
         if (root.parent.parent / "blobs").resolve() in target.parents:
             return target
     raise ModelFolderError(f"{folder}: the {what} {name!r} points outside the folder")
+
+
+def json_safe(x: Any) -> Any:
+    """`x` with every non-finite float written as "inf", "-inf" or "nan": JSON cannot hold them."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if x != x else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def read_json(path: Path, *, error: type[Exception] = ModelFolderError, bad: str = "corrupted") -> Any:

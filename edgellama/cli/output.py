@@ -12,10 +12,11 @@ goes to stderr).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+
+from edgellama.folder import json_safe
 
 VERSION = 1
 
@@ -26,19 +27,8 @@ def json_object(command: str, payload: dict[str, Any], *, version: int = VERSION
     return {**header, **{k: v for k, v in payload.items() if k not in header}}
 
 
-def finite(x: Any) -> Any:
-    """`x` with every non-finite float written as "inf", "-inf" or "nan"."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if x != x else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return x
-
-
 def json_text(obj: dict[str, Any], *, indent: int | None = None) -> str:
-    return json.dumps(finite(obj), ensure_ascii=False, default=str, allow_nan=False, indent=indent) + "\n"
+    return json.dumps(json_safe(obj), ensure_ascii=False, default=str, allow_nan=False, indent=indent) + "\n"
 
 
 def print_json(command: str, payload: dict[str, Any], *, version: int = VERSION, stream: TextIO | None = None) -> None:

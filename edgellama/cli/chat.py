@@ -15,22 +15,14 @@ import sys
 import threading
 from pathlib import Path
 
+from edgellama.cli.generate import add_generation_arguments, options
 from edgellama.errors import EdgellamaError, RuntimeInputError
-from edgellama.runtime.session import PROVIDERS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", type=Path)
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
-    p.add_argument("--provider", default="auto", choices=PROVIDERS)
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    p.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K", help="0 = off")
-    p.add_argument("--top-p", type=float, default=None, metavar="P", help="1.0 = off")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
-    p.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
-    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="1.0 = off")
+    add_generation_arguments(p, max_new_tokens=256)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
 
 
@@ -39,7 +31,6 @@ class _StopReply(KeyboardInterrupt):
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgellama.cli.generate import options
     from edgellama.runtime import ChatSession, Generator
 
     gen = Generator(args.model, provider=args.provider, threads=args.threads)

@@ -30,16 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="the prompt text ('-' reads it from stdin)")
     src.add_argument("--prompt-ids", metavar="IDS", help="the prompt as comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    p.add_argument("--provider", default="auto", choices=PROVIDERS)
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    p.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="0 = greedy (default, unless the folder's generation_config.json samples)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K", help="0 = off")
-    p.add_argument("--top-p", type=float, default=None, metavar="P", help="1.0 = off")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
-    p.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
-    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="1.0 = off")
+    add_generation_arguments(p, max_new_tokens=128)
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="report each token's logprob and the K most likely (with --json)")
     p.add_argument("--json-schema", type=Path, default=None, metavar="FILE", help="constrain the output to this schema")
@@ -49,6 +40,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "draft model folder of the same vocabulary (e.g. an int4 export of the same model)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """The provider and sampling flags `generate` and `chat` share (read back by `options`)."""
+    p.add_argument("--provider", default="auto", choices=PROVIDERS)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="0 = greedy (default, unless the folder's generation_config.json samples)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="1.0 = off")
 
 
 def options(args: argparse.Namespace) -> dict:

@@ -79,6 +79,10 @@ class GenerationResult:
         return dataclasses.asdict(self)
 
 
+def _argmax(logits: np.ndarray) -> np.ndarray:
+    return logits.argmax(axis=-1)    # first maximum, as torch.argmax (and sampling.next_tokens)
+
+
 class Call:
     """The state of one call on `gen` (a Generator): `rows` of new token ids, after `prefix` ids that
     `loop` already holds (a given loop: batch 1). `steps()` runs it; `results()` reads it."""
@@ -193,27 +197,72 @@ class Call:
         with model.run_errors():
             tokens = self._choose(loop.step(ids, mask, pos))
         self.prefill_s = time.perf_counter() - t0
-        last_pos = pos[:, -1:]
+        # A decode step does only what this call asks for: the loop's one-token step, the choice
+        # (a bare argmax when greedy with nothing else to apply), and the stop checks it needs.
+        advance = self._advance(loop, mask, pos)
+        choose = self._chooser()
+        plain = self.seen is None and self.constraints is None and self.texts is None
+        done, new, row_max, stop_ids, pad_id = self.done, self.new, self.row_max, self.stop_ids, gen.pad_id
         decode_start = None
         for step in range(self.max_new):
             for i, t in enumerate(tokens.tolist()):
-                if not self.done[i]:
+                if done[i]:
+                    continue
+                if plain:
+                    new[i].append(t)
+                    if t in stop_ids:
+                        done[i], self.stop_reason[i] = True, t
+                        continue
+                else:
                     self._record(i, t)
-                    if not self.done[i] and len(self.new[i]) >= self.row_max[i]:
-                        self.done[i], self.cut[i] = True, "length"
+                    if done[i]:
+                        continue
+                if len(new[i]) >= row_max[i]:
+                    done[i], self.cut[i] = True, "length"
             yield tokens
-            if all(self.done) or step == self.max_new - 1:
+            if all(done) or step == self.max_new - 1:
                 break
             if decode_start is None:
                 decode_start = time.perf_counter()   # decode time: the steps after the first token
             # Finished rows keep stepping (their tokens are ignored) so the batch stays rectangular.
-            feed = np.where(self.done, gen.pad_id, tokens).astype(np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-            last_pos = last_pos + 1
-            with model.run_errors():
-                tokens = self._choose(loop.step(feed, mask, last_pos))
+            feed = np.where(done, pad_id, tokens) if True in done else tokens
+            try:   # not model.run_errors(): entering a context manager costs more than a step's bookkeeping
+                tokens = choose(advance(feed))
+            except Exception as e:
+                error = model.run_error(e)
+                if error is None:
+                    raise
+                raise error from None
             self.decode_s = time.perf_counter() - decode_start
         self.finished = True
+
+    def _chooser(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The token choice of a decode step: the whole pipeline (`_choose`) when the call has a
+        penalty, a constraint or logprobs, else the sampling alone."""
+        if self.seen is not None or self.constraints is not None or self.logprobs is not None:
+            return self._choose
+        params, rng = self.params, self.rng
+        if params.greedy:
+            return _argmax
+        return lambda logits: next_tokens(logits, params, rng)
+
+    def _advance(self, loop: Any, mask: np.ndarray, pos: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """tokens [B] -> the logits [B, V] after them: the static loop's own one-token step, or `loop.step`
+        with the mask (one column more each step, from a buffer filled once) and positions it needs."""
+        if isinstance(loop, kv_loop.StaticLoop):
+            return loop.advance
+        width = mask.shape[1]
+        full = np.ones((mask.shape[0], width + self.max_new), np.int64)
+        full[:, :width] = mask
+        last = pos[:, -1:]
+
+        def advance(tokens: np.ndarray) -> np.ndarray:
+            nonlocal width, last
+            width += 1
+            last = last + 1
+            return loop.step(tokens[:, None], full[:, :width], last)
+
+        return advance
 
     def drop(self, i: int) -> None:
         """End row i now (its reader left): its tokens are no longer recorded, its finish is "cancelled",

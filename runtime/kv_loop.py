@@ -190,6 +190,14 @@ class StaticLoop(_Loop):
         super().__init__(model, batch)
         self.cache = StaticCache(model, batch, capacity)
 
+    def advance(self, tokens: np.ndarray) -> np.ndarray:
+        """One token per row (int64 [B]) after what the cache holds: `step` for a decode step without
+        the mask and positions it would only check and drop (the graph derives both from the
+        lengths). Logits [B, V]: a view of the bound output, valid until the next call."""
+        logits = self.cache.step(tokens)
+        self.past_len += 1
+        return logits
+
     def _run(self, ids, mask, pos):
         if self.past_len and ids.shape[1] == 1:
             return self.cache.step(ids[:, 0])

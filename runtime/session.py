@@ -212,10 +212,19 @@ class OrtModel:
         try:
             yield
         except Exception as e:
-            if not _from_onnxruntime(e):
+            error = self.run_error(e)
+            if error is None:
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RuntimeInputError(f"{self.folder}: ONNX Runtime failed to run the model: {first}") from None
+            raise error from None
+
+    def run_error(self, e: BaseException) -> RuntimeInputError | None:
+        """`run_errors` for a hot loop, where entering a context manager each step costs more than the
+        step's own bookkeeping (`try` is free until something is raised): the RuntimeInputError that
+        stands for ONNX Runtime's error `e`, or None when `e` is not ONNX Runtime's."""
+        if not _from_onnxruntime(e):
+            return None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return RuntimeInputError(f"{self.folder}: ONNX Runtime failed to run the model: {first}")
 
     @property
     def num_layers(self) -> int:

@@ -52,8 +52,10 @@ class StaticCache:
         c = model.config
         self._shape = (batch, c.num_key_value_heads, 0, c.head_dim)
         self.binding = model.session.io_binding()
+        self._session = model.session
         self.lengths = np.zeros(batch, np.int64)       # real tokens per row so far
-        self.width = 0                                  # mask width: the longest row
+        self._rows = np.arange(batch)
+        self.width = 0                                  # mask width: the longest row (lengths.max())
         self.capacity = 0
         self.kv: list[Any] = [None] * len(model.past_names)
         self._host: list[np.ndarray | None] = [None] * len(model.past_names)   # CPU buffers the OrtValues borrow
@@ -122,13 +124,19 @@ class StaticCache:
 
     # -- calls ------------------------------------------------------------------------------------
     def _run(self) -> None:
-        # Kept referenced until the next call: the binding reads the array's memory.
-        self._mask_now = np.ascontiguousarray(self.mask[:, :self.width])
-        self.binding.bind_cpu_input("attention_mask", self._mask_now)
+        # The mask's first `width` columns: at batch 1 a view of the buffer, contiguous as it is,
+        # bound without a copy (the binding keeps it referenced until the next bind).
+        mask = self.mask[:, :self.width]
+        self.binding.bind_cpu_input("attention_mask", mask if self.batch == 1 else np.ascontiguousarray(mask))
         for name in self._per_call:
             self.binding.bind_output(name, "cpu")
-        with self.model.run_errors():
-            self.model.session.run_with_iobinding(self.binding)
+        try:   # not model.run_errors(): entering a context manager each step costs as much as the rest of `step`
+            self._session.run_with_iobinding(self.binding)
+        except Exception as e:
+            error = self.model.run_error(e)
+            if error is None:
+                raise
+            raise error from None
 
     def append(self, rows: Sequence[Sequence[int]], *, keep: int | None = None) -> np.ndarray:
         """Several tokens per row (a prompt, or at batch 1 a further chunk), right-padded to the
@@ -211,11 +219,18 @@ class StaticCache:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One token per row at that row's next slot; logits [B, V]: a view of the bound output, valid
         until the next call."""
-        self._ensure(int(self.lengths.max()) + 1)
+        # Every row takes one token, so the longest row (the width) grows by one.
+        width = self.width + 1
+        if width > self.capacity:
+            self._ensure(width)
         self.step_ids[:, 0] = tokens
-        self.mask[np.arange(self.batch), self.lengths] = 1
-        self.lengths += 1
-        self.width = int(self.lengths.max())
+        if self.batch == 1:     # its one row is the longest: plain item writes (a ufunc call costs more)
+            self.mask[0, width - 1] = 1
+            self.lengths[0] = width
+        else:
+            self.mask[self._rows, self.lengths] = 1
+            self.lengths += 1
+        self.width = width
         self._run()
         if not self.last_only:
             return self.outputs()[0][:, -1]

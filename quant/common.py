@@ -10,6 +10,12 @@ several initializers computed together (a weight's codes, scales and zero points
 `Deferred`, computed once for all of them. `array` copies an external tensor out of its file and
 closes the mapping, so reading weights one by one never leaves them all mapped.
 
+Large weights (an 8B model's lm_head and embedding: 525M parameters, 2.1 GB in float32) are also
+read in parts: `part` reads the rows or columns of a tensor at an index without the rest, and the
+lazy tensors the passes build (`lazy(..., part=)`: widened fp16, smoothed) compute a part from
+their source's same part, so a pass working along N (output columns, `column_chunks`) holds one
+chunk of a weight at a time, not the weight.
+
 A *weight MatMul* is a standard `MatMul` whose second input is a 2-D float initializer `W [K, N]`
 (the exporter stores `nn.Linear` weights transposed, in x out) or a `Transpose(perm=[1, 0])` of
 one. Activations stay as they are; only these nodes (and the embedding `Gather`) are rewritten.
@@ -19,12 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import onnx_ir as ir
 
 MS_DOMAIN = "com.microsoft"
+# The float32 bytes of one chunk of a weight processed along N (tests lower it to force many chunks).
+CHUNK_BYTES = 32 << 20
+Index = Union[slice, np.ndarray]
+# An external tensor's file mapping is opened, copied from and closed by one thread at a time
+# (blockwise.py quantizes chunks on two threads; `release` under another's read would unmap it).
+_READ_LOCK = threading.RLock()
 
 
 def is_op(node: ir.Node, op_type: str) -> bool:
@@ -92,11 +105,35 @@ def embedding_gathers(graph: ir.Graph, *, exclude: Sequence[str] = ()) -> list[i
 
 def read(tensor: ir.TensorProtocol) -> np.ndarray:
     """A tensor's values; an external tensor's are copied out and its file mapping closed."""
-    values = tensor.numpy()
     if isinstance(tensor, ir.ExternalTensor):
-        values = np.array(values)
-        tensor.release()
-    return values
+        with _READ_LOCK:
+            values = np.array(tensor.numpy())
+            tensor.release()
+        return values
+    return tensor.numpy()
+
+
+def part(tensor: ir.TensorProtocol, axis: int, index: Index) -> np.ndarray:
+    """`tensor`'s values at `index` (a slice or integer array) along `axis`, without reading the
+    rest where the tensor allows it: an external tensor copies only those rows/columns out of its
+    mapping (then closes it), a lazy tensor built with `part=` computes only them."""
+    compute = getattr(tensor, "edgellama_part", None)
+    if compute is not None:
+        return compute(axis, index)
+    at = (slice(None),) * axis + (index,)
+    if isinstance(tensor, ir.ExternalTensor):
+        with _READ_LOCK:
+            values = np.array(tensor.numpy()[at])
+            tensor.release()
+        return values
+    return np.array(tensor.numpy()[at])
+
+
+def column_chunks(k: int, n: int, *, budget: int | None = None) -> list[slice]:
+    """Slices of N such that one chunk of a [K, N] float32 weight is about `budget` bytes
+    (CHUNK_BYTES by default; at least one column)."""
+    width = max(1, (CHUNK_BYTES if budget is None else budget) // max(1, 4 * k))
+    return [slice(a, min(a + width, n)) for a in range(0, n, width)]
 
 
 def array(value: ir.Value) -> np.ndarray:
@@ -111,6 +148,34 @@ def weight_reader(wm: WeightMatMul) -> Callable[[], np.ndarray]:
         w = read(tensor)
         return np.ascontiguousarray(w.T if transposed else w, dtype=np.float32)
     return weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """W [K, N] float32 read by column ranges: `read(a, b)` is W[:, a:b]."""
+    k: int
+    n: int
+    read: Callable[[int, int], np.ndarray]
+
+    def whole(self) -> np.ndarray:
+        return self.read(0, self.n)
+
+    def sub(self, start: int, width: int) -> "Columns":
+        return Columns(self.k, width, lambda a, b: self.read(start + a, start + b))
+
+
+def tensor_columns(tensor: ir.TensorProtocol, *, transposed: bool) -> Columns:
+    """The [K, N] float32 weight stored in `tensor` as [K, N] (or as [N, K] when `transposed`),
+    read by column ranges (rows of the stored tensor when transposed)."""
+    rows, cols = (int(d) for d in tensor.shape)
+    if transposed:
+        return Columns(cols, rows, lambda a, b: np.ascontiguousarray(part(tensor, 0, slice(a, b)).T, dtype=np.float32))
+    return Columns(rows, cols, lambda a, b: np.ascontiguousarray(part(tensor, 1, slice(a, b)), dtype=np.float32))
+
+
+def weight_columns(wm: WeightMatMul) -> Columns:
+    """W as the MatMul uses it, [K, N] float32, read by column ranges when called."""
+    return tensor_columns(wm.weight.const_value, transposed=wm.transposed)
 
 
 def weight_array(wm: WeightMatMul) -> np.ndarray:
@@ -186,16 +251,48 @@ def set_array(value: ir.Value, new: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(new), name=value.name)
 
 
-def lazy(compute: Callable[[], np.ndarray], *, dtype: ir.DataType, shape: Sequence[int], name: str) -> ir.LazyTensor:
-    """A tensor computed when it is read (written), checked against the dtype and shape it promised."""
+class _PartLazyTensor(ir.LazyTensor):
+    """A LazyTensor that can also compute a part of itself (`part`)."""
+
+    edgellama_part: Callable[[int, Index], np.ndarray]
+
+
+def lazy(compute: Callable[[], np.ndarray] | None, *, dtype: ir.DataType, shape: Sequence[int], name: str,
+         part: Callable[[int, Index], np.ndarray] | None = None) -> ir.LazyTensor:
+    """A tensor computed when it is read (written), checked against the dtype and shape it promised.
+    With `part(axis, index)` (its values at `index` along `axis`) the tensor can be read in parts
+    (common.part); `compute` None then means assembled from parts along axis 0, a chunk at a time."""
     want = tuple(int(d) for d in shape)
+    if compute is None:
+        if part is None:
+            raise ValueError("lazy needs compute or part")
+        compute = _assembled(part, want, dtype)
 
     def tensor() -> ir.Tensor:
         values = np.ascontiguousarray(compute())
         if values.shape != want or ir.DataType.from_numpy(values.dtype) != dtype:
             raise AssertionError(f"{name}: computed {values.dtype} {values.shape}, promised {dtype} {want}")
         return ir.tensor(values, name=name)
-    return ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(want), name=name)
+    if part is None:
+        return ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(want), name=name)
+    t = _PartLazyTensor(tensor, dtype=dtype, shape=ir.Shape(want), name=name)
+    t.edgellama_part = part
+    return t
+
+
+def _assembled(compute_part: Callable[[int, Index], np.ndarray], shape: tuple[int, ...],
+               dtype: ir.DataType) -> Callable[[], np.ndarray]:
+    """The whole tensor written part by part (along axis 0) into one array: holds the result and one part."""
+    if not shape:
+        raise ValueError("a scalar tensor has no parts: give lazy() its compute")
+
+    def whole() -> np.ndarray:
+        out = np.empty(shape, dtype.numpy())
+        step = max(1, CHUNK_BYTES // max(1, out[:1].nbytes))
+        for a in range(0, shape[0], step):
+            out[a:a + step] = compute_part(0, slice(a, min(a + step, shape[0])))
+        return out
+    return whole
 
 
 def add_lazy(graph: ir.Graph, compute: Callable[[], np.ndarray], *, dtype: ir.DataType, shape: Sequence[int],
@@ -207,10 +304,12 @@ def add_lazy(graph: ir.Graph, compute: Callable[[], np.ndarray], *, dtype: ir.Da
     return v
 
 
-def set_lazy(value: ir.Value, compute: Callable[[], np.ndarray]) -> None:
-    """`set_array` for a new value of the same dtype and shape, computed when the model is written."""
+def set_lazy(value: ir.Value, compute: Callable[[], np.ndarray] | None,
+             part: Callable[[int, Index], np.ndarray] | None = None) -> None:
+    """`set_array` for a new value of the same dtype and shape, computed when the model is written
+    (and, with `part`, readable in parts; see `lazy`)."""
     t = value.const_value
-    value.const_value = lazy(compute, dtype=t.dtype, shape=list(t.shape), name=value.name)
+    value.const_value = lazy(compute, dtype=t.dtype, shape=list(t.shape), name=value.name, part=part)
 
 
 def output_like(value: ir.Value) -> ir.Value:

@@ -167,8 +167,9 @@ class _Rewrite:
         v, h = (int(d) for d in tensor.shape)
         if h % block_size:
             return False
-        deferred = common.Deferred(lambda: blockwise.quantize(common.read(tensor).T, bits=8, block_size=block_size,
-                                                              symmetric=True))
+        # W = table.T [H, V]: its columns are the table's rows, read a chunk at a time
+        table = common.tensor_columns(tensor, transposed=True)
+        deferred = common.Deferred(lambda: blockwise.quantize(table, bits=8, block_size=block_size, symmetric=True))
         base = node.inputs[0].name.replace("/", "_")
         d = self.initializer(deferred.part(lambda p: p.data.reshape(v, h)), ir.DataType.UINT8, (v, h), f"{base}_Q8")
         s = self.initializer(deferred.part(lambda p: p.scales), ir.DataType.FLOAT, (v, h // block_size),
@@ -181,11 +182,11 @@ class _Rewrite:
         return True
 
 
-def _plan(weight: Callable[[], np.ndarray], k: int, n: int, c: Choice, block_size: int) -> _Plan:
+def _plan(weight: common.Columns, k: int, n: int, c: Choice, block_size: int) -> _Plan:
     block = c.block_size or block_size
     zp = None if c.symmetric else np.dtype(np.float32 if c.float_zero_points else np.uint8)
     return _Plan(common.Deferred(lambda: blockwise.quantize(
-        weight(), bits=c.bits, block_size=block, symmetric=c.symmetric, search=c.search,
+        weight, bits=c.bits, block_size=block, symmetric=c.symmetric, search=c.search,
         float_zero_points=c.float_zero_points)), bits=c.bits, block_size=block, k=k, n=n, zero_points=zp)
 
 
@@ -215,11 +216,11 @@ def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice |
         c = choose(wm)
         shape = [int(d) for d in wm.weight.const_value.shape]
         k, n = shape[::-1] if wm.transposed else shape
-        weight = common.weight_reader(wm)
+        weight = common.weight_columns(wm)
         if isinstance(c, Columns):
             start, plans = 0, []
             for label, width, part in c.parts:
-                plans.append(_plan(_columns(weight, start, width), k, width, part, block_size))
+                plans.append(_plan(weight.sub(start, width), k, width, part, block_size))
                 stats.matmuls[f"{common.module_name(wm.node)}[{label}]"] = part.bits
                 start += width
             edit.columns(wm, plans, [label for label, _, _ in c.parts])
@@ -248,6 +249,3 @@ def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice |
     common.ensure_opset(model, common.MS_DOMAIN, 1)
     return stats
 
-
-def _columns(weight: Callable[[], np.ndarray], start: int, width: int) -> Callable[[], np.ndarray]:
-    return lambda: np.ascontiguousarray(weight()[:, start:start + width])

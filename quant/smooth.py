@@ -101,70 +101,191 @@ def mlp_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node, 
     return found
 
 
-def _calibrate(model: ir.Model, values: list[ir.Value], *, tokens: int, seed: int) -> list[np.ndarray]:
-    """Per-channel max |value| of each value over one prefill of random token ids."""
+# Initializer bytes (float32) one calibration segment may hold: an 8B layer's weights (~870 MB)
+# take about two segments, every MLP projection (235 MB) fits. A single larger initializer runs
+# alone. Tests lower it to force many segments.
+SEGMENT_BYTES = 384 << 20
+
+
+def _calibrate(model: ir.Model, values: list[ir.Value], *, tokens: int, seed: int,
+               segment_bytes: int | None = None) -> list[np.ndarray]:
+    """Per-channel max |value| of each value over one prefill of random token ids.
+
+    Run segment by segment (`_segments`), never the whole model at once: only the nodes `values`
+    depend on, in graph order, cut into runs of at most `segment_bytes` of initializers; each
+    runs as its own ONNX Runtime CPU session, fed what earlier segments produced and still
+    needed, and its weights are dropped before the next. The embedding Gather is done in numpy
+    from the rows the token ids pick. Peak memory: one segment's weights and the live activations."""
     graph = model.graph
     vocab = next(v.const_value.shape[0] for v in graph.initializers.values()
                  if any(u.node.op_type == "Gather" and u.idx == 0 for u in v.uses()))
-    untyped = [v for v in values if v.type is None]
-    for v in untyped:
-        v.type = ir.TensorType(ir.DataType.FLOAT)
-    graph.outputs.extend(values)
-    try:
-        sess = _session(model)
-    finally:
-        for _ in values:
-            graph.outputs.pop()
-        for v in untyped:
-            v.type = None
+    inputs = {v.name: v for v in graph.inputs}
     # Rows of 128 tokens: within any model's context (tiny's is 256).
     b, n = max(1, tokens // 128), min(tokens, 128)
     ids = np.random.default_rng(seed).integers(0, vocab, (b, n)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64)}
-    names = [i.name for i in sess.get_inputs()]
     # The static KV cache contract has no position_ids and takes the whole cache buffer as its past
     # (n slots here); the dynamic one an empty past.
-    static = "position_ids" not in names
+    static = "position_ids" not in inputs
     if not static:
         feeds["position_ids"] = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
-    for i in sess.get_inputs():
-        if i.name.startswith("past_key_values."):
-            dtype = np.float16 if "float16" in i.type else np.float32
-            feeds[i.name] = np.zeros((b, i.shape[1], n if static else 0, i.shape[3]), dtype)
-    outs = sess.run([v.name for v in values], feeds)
-    # Only the statistics are kept: the session's weights go, and so do the file mappings an
-    # external weight opened for it.
-    del sess
-    for v in graph.initializers.values():
-        if isinstance(v.const_value, ir.ExternalTensor):
-            v.const_value.release()
-    return [np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float64) for x in outs]
+    for name, v in inputs.items():
+        if name.startswith("past_key_values."):
+            dtype = np.float16 if v.dtype == ir.DataType.FLOAT16 else np.float32
+            feeds[name] = np.zeros((b, int(v.shape[1]), n if static else 0, int(v.shape[3])), dtype)
+    stats = _run_segments(model, values, feeds, segment_bytes=SEGMENT_BYTES if segment_bytes is None else segment_bytes)
+    return [stats[v.name] for v in values]
 
 
-def _session(model: ir.Model):
-    """An ONNX Runtime CPU session of `model`, built in memory: the graph is serialized with every
-    initializer as an external reference and ONNX Runtime reads the weights from the numpy arrays
-    (no copy through the disk, and no 2 GB protobuf limit)."""
-    import onnxruntime as ort
+def _initializer_bytes(value: ir.Value) -> int:
+    t = value.const_value
+    return int(np.prod([int(d) for d in t.shape], dtype=np.int64)) * max(1, t.dtype.itemsize)
 
+
+def _numpy_gather(node: ir.Node, live: dict[str, np.ndarray]) -> bool:
+    """A row Gather of a 2-D initializer with indices already computed: the embedding lookup."""
+    if not common.is_op(node, "Gather") or len(node.inputs) != 2 or node.inputs[1] is None:
+        return False
+    axis = node.attributes.get("axis")
+    table = node.inputs[0]
+    return ((axis.as_int() if axis is not None else 0) == 0 and table is not None and table.is_initializer()
+            and table.const_value is not None and len(table.const_value.shape) == 2
+            and node.inputs[1].name in live and not node.inputs[1].is_initializer())
+
+
+def _segments(nodes: list[ir.Node], budget: int) -> list[list[ir.Node]]:
+    """Consecutive runs of `nodes` holding at most `budget` initializer bytes (a node whose own
+    initializers exceed it alone); a row Gather of a 2-D table is a run of its own."""
+    runs: list[list[ir.Node]] = []
+    current: list[ir.Node] = []
+    held: set[str] = set()
+    size = 0
+    for node in nodes:
+        table = node.inputs[0] if node.inputs else None
+        if common.is_op(node, "Gather") and table is not None and table.is_initializer() \
+                and table.const_value is not None and len(table.const_value.shape) == 2:
+            if current:
+                runs.append(current)
+            runs.append([node])
+            current, held, size = [], set(), 0
+            continue
+        new = {i.name: _initializer_bytes(i) for i in node.inputs
+               if i is not None and i.is_initializer() and i.const_value is not None and i.name not in held}
+        extra = sum(new.values())
+        if current and size + extra > budget:
+            runs.append(current)
+            current, held, size = [], set(), 0
+            new = {i.name: _initializer_bytes(i) for i in node.inputs
+                   if i is not None and i.is_initializer() and i.const_value is not None}
+            extra = sum(new.values())
+        current.append(node)
+        held |= set(new)
+        size += extra
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _run_segments(model: ir.Model, values: list[ir.Value], feeds: dict[str, np.ndarray], *,
+                  segment_bytes: int) -> dict[str, np.ndarray]:
+    import onnx
+
+    graph = model.graph
+    wanted = {v.name for v in values}
+    # The nodes the statistics depend on, in graph (topological) order.
+    needed: set[ir.Node] = set()
+    stack = [v.producer() for v in values if v.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(i.producer() for i in node.inputs if i is not None and i.producer() is not None)
+    order = {node: i for i, node in enumerate(graph)}
+    nodes = sorted(needed, key=order.__getitem__)
+    runs = _segments(nodes, segment_bytes)
+    last_use: dict[str, int] = {}
+    for r, run in enumerate(runs):
+        for node in run:
+            for i in node.inputs:
+                if i is not None:
+                    last_use[i.name] = r
+    protos = _node_protos(model)
+    live = {k: v for k, v in feeds.items() if k in last_use}
+    stats: dict[str, np.ndarray] = {}
+    for r, run in enumerate(runs):
+        if len(run) == 1 and _numpy_gather(run[0], live):
+            node = run[0]
+            idx = live[node.inputs[1].name]
+            rows = common.part(node.inputs[0].const_value, 0, idx.reshape(-1))
+            out = {node.outputs[0].name: rows.reshape(idx.shape + rows.shape[1:])}
+        else:
+            out = _run_segment(model, run, protos, live, last_use, wanted, r, onnx)
+        for name, x in out.items():
+            if name in wanted:
+                stats[name] = np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float64)
+            if last_use.get(name, -1) > r:
+                live[name] = x
+        for name in [k for k in live if last_use.get(k, -1) <= r]:
+            del live[name]
+    return stats
+
+
+def _node_protos(model: ir.Model) -> dict[str, object]:
+    """The model's ModelProto with every initializer an external placeholder (no weight bytes)."""
     weights = {name: v.const_value for name, v in model.graph.initializers.items()}
-    arrays = {name: t.numpy() for name, t in weights.items()}
     try:
         for name, v in model.graph.initializers.items():
             t = weights[name]
-            v.const_value = ir.ExternalTensor("in-memory", 0, arrays[name].nbytes, t.dtype, shape=t.shape, name=name)
+            v.const_value = ir.ExternalTensor("in-memory", 0, _initializer_bytes(v), t.dtype, shape=t.shape, name=name)
         proto = ir.to_proto(model)
     finally:
         for name, v in model.graph.initializers.items():
             v.const_value = weights[name]
+    return {"model": proto, "nodes": list(proto.graph.node),
+            "initializers": {i.name: i for i in proto.graph.initializer}}
+
+
+def _run_segment(model, run, protos, live, last_use, wanted, r, onnx) -> dict[str, np.ndarray]:
+    """One segment as its own session: inputs are what it reads from earlier segments (or the
+    feeds), outputs what later segments or the statistics need, weights handed in as arrays."""
+    import onnxruntime as ort
+
+    index = {node: i for i, node in enumerate(model.graph)}
+    produced = {o.name for node in run for o in node.outputs}
+    reads, inits = [], []
+    for node in run:
+        for i in node.inputs:
+            if i is None or i.name in produced or i.name in reads or i.name in inits:
+                continue
+            if i.name in live:
+                reads.append(i.name)
+            elif i.is_initializer():
+                inits.append(i.name)
+            else:
+                raise AssertionError(f"calibration segment {r}: {i.name} is neither fed nor computed before")
+    outs = [o.name for node in run for o in node.outputs
+            if o.name in wanted or last_use.get(o.name, -1) > r]
+    base = protos["model"]
+    g = onnx.helper.make_graph(
+        [protos["nodes"][index[node]] for node in run], f"segment{r}",
+        [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(live[name].dtype), None)
+         for name in reads],
+        [onnx.ValueInfoProto(name=name) for name in outs],
+        [protos["initializers"][name] for name in inits])
+    m = onnx.helper.make_model(g, opset_imports=list(base.opset_import), functions=list(base.functions),
+                               ir_version=base.ir_version)
+    arrays = {name: np.ascontiguousarray(common.read(model.graph.initializers[name].const_value)) for name in inits}
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
-    so.add_external_initializers(list(arrays), values)
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    # ONNX Runtime reads the weights from these buffers without a copy: they live as long as the session.
-    sess.edgellama_weights = values
-    return sess
+    # Pre-packing would copy each MatMul weight once more for a session that runs once.
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+    so.add_external_initializers(list(arrays), ort_values)
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    result = sess.run(outs, {name: live[name] for name in reads})
+    del sess, ort_values, arrays
+    return dict(zip(outs, result))
 
 
 def apply(model: ir.Model, *, alpha: float = ALPHA, tokens: int = CALIBRATION_TOKENS, seed: int = 0,
@@ -183,13 +304,28 @@ def apply(model: ir.Model, *, alpha: float = ALPHA, tokens: int = CALIBRATION_TO
         return common.array(v).astype(np.float64)
 
     def amax_rows(v: ir.Value) -> np.ndarray:
-        # |w| and its max are exact in fp32: the same factors as from a float64 copy, without one
-        return np.abs(common.array(v)).max(1).astype(np.float64)
+        # |w| and its max are exact in fp32: the same factors as from a float64 copy, without one;
+        # read a chunk of columns at a time (an 8B lm_head is 2.1 GB in fp32)
+        t = v.const_value
+        k, n = (int(d) for d in t.shape)
+        out = np.zeros(k, np.float32)
+        for cols in common.column_chunks(k, n):
+            np.maximum(out, np.abs(common.part(t, 1, cols)).max(1), out=out)
+        return out.astype(np.float64)
 
-    def scaled(v: ir.Value, factor: Callable[[np.ndarray], np.ndarray]) -> None:
+    def scaled(v: ir.Value, s: np.ndarray, axis: int, divide: bool) -> None:
         # The scaled weight is computed when written (streaming, see common.py), from the value the
-        # weight holds now: a later fold of the same weight composes with this one.
-        common.set_lazy(v, lambda source=v.const_value: factor(common.read(source).astype(np.float64)).astype(np.float32))
+        # weight holds now: a later fold of the same weight composes with this one. `s` runs along
+        # `axis` of the [K, N] weight; a part along either axis is the same part of the whole
+        # product (elementwise, so the bits are those of the whole computation).
+        source = v.const_value
+
+        def part(at: int, index: common.Index, source=source) -> np.ndarray:
+            w = common.part(source, at, index).astype(np.float64)
+            f = s[index] if at == axis else s
+            f = f[:, None] if axis == 0 else f[None, :]
+            return (w / f if divide else w * f).astype(np.float32)
+        common.set_lazy(v, None, part=part)
 
     for (norm, idx, users), amax in zip(targets, amaxes):
         gamma = f64(norm.inputs[idx])
@@ -197,11 +333,11 @@ def apply(model: ir.Model, *, alpha: float = ALPHA, tokens: int = CALIBRATION_TO
         s = _factors(amax, wmax, alpha)
         common.set_array(norm.inputs[idx], (gamma / s).astype(np.float32))
         for u in users:
-            scaled(u.inputs[1], lambda w, s=s: w * s[:, None])
+            scaled(u.inputs[1], s, 0, divide=False)
     for (up, _mul, down), amax in zip(mlps, amaxes[len(targets):]):
         s = _factors(amax, amax_rows(down.inputs[1]), alpha)          # up [K, I], down [I, N]
-        scaled(up.inputs[1], lambda w, s=s: w / s[None, :])
-        scaled(down.inputs[1], lambda w, s=s: w * s[:, None])
+        scaled(up.inputs[1], s, 1, divide=True)
+        scaled(down.inputs[1], s, 0, divide=False)
     return {"smoothing": {"alpha": alpha, "norms": len(targets), "mlp": len(mlps),
                           "calibration": f"{tokens} random token ids in rows of 128, seed {seed}"}}
 

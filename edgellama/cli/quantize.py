@@ -1,8 +1,10 @@
-"""Quantize an fp32 model folder (from `edgellama export`) into a new model folder.
+"""Quantize an fp32 or fp16 model folder (from `edgellama export`) into a new model folder.
 
 The modes and what each does are listed below. OUT receives model.onnx (+ model.onnx.data), the
 tokenizer, genai_config.json and edgellama.json (its `quantization` list records the pass and its
-settings). IN must be an unquantized fp32 export.
+settings). IN must be an unquantized fp32 export, or an fp16 one for every mode but fp16: it is
+widened to the fp32 graph of its fp16 weights first (the output has fp32 activations, as from an
+fp32 export; an 8B model needs no 32 GB fp32 folder).
 
 Prints OUT. With --json, one object instead (schema "edgellama.quantize", version 1): `input`
 (absolute path of IN), `mode`, and as for export: `folder`, `files` ({name: bytes}), `bytes`,

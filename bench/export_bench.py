@@ -40,7 +40,7 @@ RUNS = {
     "tinyllama-bf16": ("tinyllama-1.1b", "bf16", "fp16", "portable", None),
     "llama1b-fp32": ("llama3.2-1b", "fp32", "fp32", "portable", None),
     "llama8b-bf16": ("llama3.1-8b", "bf16", "fp16", "ort", None),
-    "llama8b-int4": ("llama3.1-8b", "bf16", "fp32", "ort", "int4"),
+    "llama8b-int4": ("llama3.1-8b", "bf16", "fp16", "ort", "int4"),
     "smollm2": (None, None, "fp32", "portable", None),
 }
 
@@ -87,9 +87,14 @@ t0 = time.perf_counter()
 if a["step"] == "export":
     from edgellama.export.onnx_export import export_model
     export_model(a["source"], Path(a["out"]), target=a["target"], dtype=a["dtype"], force=True)
-else:
+elif a["step"] == "quantize":
     from edgellama.quant.api import quantize_folder
     quantize_folder(Path(a["source"]), Path(a["out"]), mode=a["mode"], force=True)
+elif a["step"] == "generate":
+    from edgellama.runtime.generator import Generator
+    gen = Generator(Path(a["source"]), provider="cpu")
+    r = gen.generate_ids(list(range(1000, 1016)), max_new_tokens=a["tokens"], eos=False, temperature=0.0)[0]
+    print(json.dumps({"token_ids": r.token_ids, "decode_tokens_per_s": r.decode_tokens_per_s}))
 hwm = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:")]
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": int(hwm[0].split()[1]) * 1024}))
 """
@@ -100,18 +105,23 @@ def _child(script: str, *args: str) -> dict:
     if p.returncode:
         print(p.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{args[:1]}: child failed")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    lines = p.stdout.strip().splitlines()
+    return {k: v for line in lines if line.startswith("{") for k, v in json.loads(line).items()}
 
 
 def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run(name: str, work: Path) -> list[dict]:
+def run(name: str, work: Path, *, keep: bool = False, stop_after_export: bool = False,
+        export_folder: Path | None = None, generate: int = 0) -> list[dict]:
     shape, ckpt_dtype, dtype, target, mode = RUNS[name]
     rows = []
+    out = work / f"{name}-{target}-{dtype}"
     try:
-        if shape is None:
+        if export_folder is not None:
+            out, weight_bytes = export_folder, None
+        elif shape is None:
             source, weight_bytes = name, None
         else:
             source = work / f"{name}-checkpoint"
@@ -119,20 +129,29 @@ def run(name: str, work: Path) -> list[dict]:
             weight_bytes = _child(WRITE, json.dumps(SHAPES[shape]), ckpt_dtype, str(source))["fp32_weight_bytes"]
             print(f"{name}: wrote the {ckpt_dtype} checkpoint ({_folder_bytes(source) / 2**30:.1f} GiB) in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
-        out = work / f"{name}-{target}-{dtype}"
-        r = _child(STEP, json.dumps({"step": "export", "source": str(source), "out": str(out), "target": target,
-                                     "dtype": dtype}))
-        rows.append({"run": name, "step": f"export --dtype {dtype} --target {target}", **r,
-                     "fp32_weight_bytes": weight_bytes})
-        if shape is not None:
-            shutil.rmtree(source)        # disk: the next step's output takes its place
-        if mode is not None:
+        if export_folder is None:
+            r = _child(STEP, json.dumps({"step": "export", "source": str(source), "out": str(out), "target": target,
+                                         "dtype": dtype}))
+            rows.append({"run": name, "step": f"export --dtype {dtype} --target {target}", **r,
+                         "fp32_weight_bytes": weight_bytes, "folder_bytes": _folder_bytes(out)})
+            print(json.dumps(rows[-1]), flush=True)
+            if shape is not None:
+                shutil.rmtree(source)        # disk: the next step's output takes its place
+        if mode is not None and not stop_after_export:
             r = _child(STEP, json.dumps({"step": "quantize", "source": str(out), "out": str(work / f"{name}-{mode}"),
                                          "mode": mode}))
-            rows.append({"run": name, "step": f"quantize --mode {mode}", **r, "fp32_weight_bytes": weight_bytes})
+            rows.append({"run": name, "step": f"quantize --mode {mode}", **r, "fp32_weight_bytes": weight_bytes,
+                         "folder_bytes": _folder_bytes(work / f"{name}-{mode}")})
+            print(json.dumps(rows[-1]), flush=True)
+            if generate:
+                r = _child(STEP, json.dumps({"step": "generate", "source": str(work / f"{name}-{mode}"),
+                                             "tokens": generate}))
+                rows.append({"run": name, "step": f"generate {generate} tokens ({mode})", **r,
+                             "fp32_weight_bytes": weight_bytes})
+                print(json.dumps(rows[-1]), flush=True)
     finally:
         for p in work.iterdir():
-            if p.name.startswith(name):
+            if p.name.startswith(name) and not (keep and p == out):
                 shutil.rmtree(p, ignore_errors=True)
     return rows
 
@@ -141,11 +160,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="tinyllama-bf16,llama1b-fp32", help=f"comma-separated: {', '.join(RUNS)}")
     ap.add_argument("--workdir", default=None, help="where checkpoints and outputs go (default: a temp folder)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the export folder in --workdir (the quantize step can then be rerun on it)")
+    ap.add_argument("--stop-after-export", action="store_true", help="write and export only (with --keep)")
+    ap.add_argument("--export-folder", type=Path, default=None,
+                    help="quantize this kept export folder instead of writing and exporting (one run)")
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="after quantizing, greedy-generate N tokens from the quantized folder (fresh process)")
     args = ap.parse_args()
+    if (args.keep or args.export_folder) and not args.workdir:
+        ap.error("--keep and --export-folder need --workdir")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(args.workdir) if args.keep or args.export_folder else Path(tmp)
         for name in args.runs.split(","):
-            rows += run(name, Path(tmp))
+            rows += run(name, work, keep=args.keep, stop_after_export=args.stop_after_export,
+                        export_folder=args.export_folder, generate=args.generate)
     print(f"{'run':<16} {'step':<34} {'seconds':>8} {'peak RSS GiB':>12} {'x fp32 weights':>14}")
     for r in rows:
         ratio = f"{r['peak_rss_bytes'] / r['fp32_weight_bytes']:.2f}" if r["fp32_weight_bytes"] else "-"

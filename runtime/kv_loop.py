@@ -190,6 +190,13 @@ class StaticLoop(_Loop):
         super().__init__(model, batch)
         self.cache = StaticCache(model, batch, capacity)
 
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        # A decode step (one token per row after a prefill): the ids go straight into the bound
+        # buffer; the mask is only checked, and neither it nor the positions are copied.
+        if self.past_len and input_ids.shape[1] == 1 and attention_mask.shape[1] == self.past_len + 1:
+            return self.advance(input_ids[:, 0])
+        return super().step(input_ids, attention_mask, position_ids)
+
     def advance(self, tokens: np.ndarray) -> np.ndarray:
         """One token per row (int64 [B]) after what the cache holds: `step` for a decode step without
         the mask and positions it would only check and drop (the graph derives both from the

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgellama.errors import RuntimeInputError
-from edgellama.runtime.sampling import SamplingParams, filter_logits, next_tokens
+from edgellama.runtime.sampling import SamplingParams, filter_logits, next_tokens, stable_argsort
 from edgellama.runtime.textstream import TextStream
 
 
@@ -90,3 +90,41 @@ def test_text_stream_flushes_an_incomplete_tail():
     assert stream.push(ord("a")) == "a"
     assert stream.push(0xE4) == ""          # first byte of a 3-byte character
     assert stream.flush() == "\ufffd"
+
+
+def _awkward_values(rng, n, kind):
+    """Float32 values with the cases a bit-level sort key could get wrong."""
+    if kind == "normal":
+        return (rng.standard_normal(n) * 3).astype(np.float32)
+    if kind == "ties":                                   # few distinct values, signed zeros among them
+        v = np.round(rng.standard_normal(n), 1).astype(np.float32)
+        v[rng.random(n) < 0.3] = -0.0
+        return v
+    v = np.zeros(n, np.float32)                          # extremes: denormals both sides, the largest floats
+    for value, share in ((1.5, 0.1), (1e-45, 0.1), (-1e-45, 0.1), (3.4e38, 0.05), (-3.4e38, 0.05), (-2.0, 0.1)):
+        v[rng.random(n) < share] = np.float32(value)
+    return v
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "extremes"])
+def test_stable_argsort_is_numpys_stable_argsort(kind):
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 7, 300, 5000):
+        v = _awkward_values(rng, n, kind)
+        with np.errstate(over="ignore"):                 # float16: the largest floats become +-inf
+            half = v.astype(np.float16)
+        for values in (v, v.astype(np.float64), half):
+            want = np.argsort(values, kind="stable")
+            assert np.array_equal(stable_argsort(values), want), (kind, n, values.dtype)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_top_p_on_float32_logits_equals_the_float64_path(kind):
+    # float32 logits sort on their own bits, float64 ones through numpy's stable sort: same result.
+    rng = np.random.default_rng(6)
+    logits = np.stack([_awkward_values(rng, 3000, kind) for _ in range(3)])
+    for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, top_p=0.5),
+                   SamplingParams(temperature=1.3, top_k=200, top_p=0.8)):
+        fast = filter_logits(logits, params)
+        assert np.array_equal(fast, filter_logits(logits.astype(np.float64), params))
+        assert np.isfinite(fast).sum(axis=1).min() >= 1

@@ -40,11 +40,9 @@ class SamplingParams:
 def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Temperature, then top-k, then top-p on [B, V] logits; removed tokens become -inf (float64)."""
     src = np.asarray(logits)
-    x = np.asarray(src, dtype=np.float64)
+    x = np.array(src, dtype=np.float64)     # our own copy: every step below writes in place
     if params.temperature not in (0, 1):
-        x = x / params.temperature
-    else:
-        x = x.copy()
+        x /= params.temperature
     vocab = x.shape[-1]
     if 0 < params.top_k < vocab:
         kth = np.partition(x, vocab - params.top_k, axis=-1)[:, vocab - params.top_k][:, None]
@@ -95,7 +93,12 @@ def next_tokens(logits: np.ndarray, params: SamplingParams,
         return logits.argmax(axis=-1).astype(np.int64)     # first maximum, as torch.argmax
     if rng is None:
         raise RuntimeInputError("sampling needs a random generator (pass a seed)")
-    probs = _softmax(filter_logits(logits, params))
+    # The softmax in place on filter_logits' fresh array: the same operations as _softmax, one
+    # vocabulary-sized allocation instead of four.
+    probs = filter_logits(logits, params)
+    probs -= probs.max(axis=-1, keepdims=True)
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=-1, keepdims=True)
     cdf = np.cumsum(probs, axis=-1)
     draws = np.array([r.random() for r in rng]) if isinstance(rng, list) else rng.random(len(probs))
     u = draws * cdf[:, -1]

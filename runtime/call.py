@@ -130,7 +130,7 @@ class Call:
             for i, r in enumerate(rows):
                 self.seen[i, prefix + r] = True
         self.constraints = [gen.constraint(options) for _ in rows] if options.constrained else None
-        self.texts = ([StopText(gen.decode, o.stop) for o in row_options]
+        self.texts = ([StopText(gen.int_decoder(), o.stop) for o in row_options]
                       if (text or any(o.stop for o in row_options)) else None)
         self.pending = [""] * len(rows)      # released text not yet taken by a stream
         self.new: list[list[int]] = [[] for _ in rows]

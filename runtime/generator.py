@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -98,6 +98,12 @@ class Generator:
         if tok is None:
             return ""
         return tok.decode([int(i) for i in ids])
+
+    def int_decoder(self) -> Callable[[list[int]], str]:
+        """`decode` for lists of Python ints, as a text stream keeps them: the tokenizer's own decode,
+        without this wrapper's lookup and conversion (a stream decodes twice a token)."""
+        tok = self.tokenizer_or_none
+        return _no_text if tok is None else tok.decode
 
     # -- public calls -----------------------------------------------------------------------------------
     def options(self, options: GenerationOptions | None = None, **kwargs: Any) -> GenerationOptions:
@@ -173,6 +179,10 @@ class Generator:
         return build_constraint(tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
                                 eos_ids=sorted(self.stop_ids), json_schema=options.json_schema,
                                 regex=options.regex, grammar=options.grammar)
+
+
+def _no_text(ids: Sequence[int]) -> str:
+    return ""
 
 
 def _many(prompt: Any) -> bool:

@@ -10,19 +10,23 @@ tokens, greedy, end-of-sequence ignored).
 
 Runners, interleaved in rounds in one process (each round runs every runner once):
 
-  generator   Generator.generate_ids: the whole call (Call pipeline -> static loop -> ORT run)
-  stream      Generator.stream_ids: the same plus text decoding and the stop-string check of a stream
+  generator   one Generator call as generate_ids runs it (a Call: pipeline -> static loop -> ORT run),
+              each step timed from one chosen token to the next
+  stream      a streaming call driven as the server drives it (take_text after every token): the
+              same plus text decoding and the stop-string check
   floor       a minimal hand-written IO-binding loop on the same session: buffers bound once, the
               token written into a bound array, the mask a view of a ones buffer, argmax of the
               bound logits: what a Python loop cannot go below
   genai       onnxruntime-genai's Generator on the same folder (its own session, same thread count)
 
-Per runner and round: the mean decode step (the steps after the first token); printed: the median
-over rounds and the best round (a shared machine moves single rounds; the best is the least
-disturbed). Then five instrumented calls of our Generator (not mixed into the timings above): the
-median step and the medians of its parts: ONNX Runtime's run (Python wrapper and C++), the static
-cache's bookkeeping around it (StaticCache.step), and the rest (the loop wrapper, the Call's choice,
-stop checks and timing); each wrapped timer adds ~0.1 us.
+Per runner and round: the median decode step (the steps after the first token, so a preempted
+step does not count); printed: the median over rounds and the best round. Then the same runners
+with ONNX Runtime's decode runs replaced by a no-op (the prefill runs, its logits stay bound): the
+Python work per step alone, without the graph's time and its threads (load still slows it, floor
+and ours alike: compare them within a run). Then five instrumented calls of our Generator (not
+mixed into the timings above): the median step and the medians of its parts: ONNX Runtime's run
+(Python wrapper and C++), the static cache's bookkeeping around it (StaticCache.step), and the
+rest (the loop wrapper, the Call's choice, stop checks and timing); each wrapped timer adds ~0.1 us.
 """
 
 from __future__ import annotations
@@ -133,6 +137,30 @@ def breakdown(gen, prompt: list[int], new_tokens: int, rounds: int = 5) -> dict[
     return {k: statistics.median(v) * 1e6 for k, v in parts.items()}
 
 
+def python_only(gen, runners: dict, *, rounds: int) -> dict[str, list[float]]:
+    """Each runner's median decode step (us) per round with every run after a call's first (its
+    prefill) replaced by a no-op: the logits stay the prefill's, so the tokens repeat, and what is
+    left is the Python work of a step."""
+    session = gen.model.session
+    real, runs = session.run_with_iobinding, [0]
+
+    def prefill_only(binding, run_options=None):
+        runs[0] += 1
+        if runs[0] == 1:
+            real(binding, run_options)
+
+    out: dict[str, list[float]] = {k: [] for k in runners}
+    session.run_with_iobinding = prefill_only       # the instance attribute shadows the method
+    try:
+        for _ in range(rounds):
+            for k, f in runners.items():
+                runs[0] = 0
+                out[k].append(statistics.median(f()[0]) * 1e6)
+    finally:
+        del session.run_with_iobinding
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/loop"), help="where the tiny folder is exported once")
@@ -199,6 +227,11 @@ def main() -> None:
         for k in ("generator", "stream", "floor"):
             print(f"{k} / genai: median {statistics.median(steps[k]) / statistics.median(steps['genai']):.2f}x, "
                   f"best {min(steps[k]) / min(steps['genai']):.2f}x")
+
+    python = python_only(gen, {k: runners[k] for k in ("generator", "stream", "floor")}, rounds=args.rounds)
+    print("\nPython work per decode step, us (ONNX Runtime's decode runs replaced by a no-op; median / best "
+          "over rounds): "
+          + ", ".join(f"{k} {statistics.median(v):.2f} / {min(v):.2f}" for k, v in python.items()))
 
     b = breakdown(gen, prompt, n)
     print(f"\nour step, instrumented, medians over every step of 5 calls, us: {b['step']:.1f} ~ ONNX Runtime run "

@@ -29,10 +29,11 @@ __all__ = ["ACCURACY_LEVELS", "MODES", "apply_request", "check_request", "quanti
 
 def quantize_model(model: Any, *, mode: str, target: str, block_size: int | None = None,
                    accuracy_level: int | None = None, exclude: Iterable[str] | str = (),
-                   progress: Progress = SILENT) -> dict:
+                   lm_head_bits: int | None = None, progress: Progress = SILENT) -> dict:
     """Apply the pass of `mode` to the fp32 onnx_ir Model `model` in place; returns the manifest's
     record of the pass (its settings and the op counts before and after)."""
-    request = check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude)
+    request = check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude,
+                            lm_head_bits=lm_head_bits)
     return apply_request(model, request, target=target, progress=progress)
 
 
@@ -81,15 +82,18 @@ def _read_source(src: Path, mode: str) -> folder.Manifest:
 
 def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: int | None = None,
                     exclude: Iterable[str] | str = (), force: bool = False,
-                    accuracy_level: int | None = None, progress: Progress = SILENT) -> Path:
+                    accuracy_level: int | None = None, lm_head_bits: int | None = None,
+                    progress: Progress = SILENT) -> Path:
     """Quantize the fp32 (or, but for --mode fp16, fp16) model folder `src` into a new complete
     folder `dst`; returns `dst`.
 
     Refuses (QuantError) an unknown mode, an unsupported block size, a folder that is not a verified
     edgellama export, one already quantized, or fp16 -> fp16; nothing is written at `dst` then.
-    `accuracy_level` (int8/int4) overrides the pass's MatMulNBits accuracy level.
+    `accuracy_level` (int8/int4) overrides the pass's MatMulNBits accuracy level, `lm_head_bits`
+    (int4: 8 or 4) the lm_head's bit width.
     """
-    request = check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude)
+    request = check_request(mode, block_size, accuracy_level=accuracy_level, exclude=exclude,
+                            lm_head_bits=lm_head_bits)
     src, dst = Path(src), Path(dst)
     if dst.absolute().resolve() == src.absolute().resolve():
         raise QuantError(f"output {dst} is the input folder; write the quantized model elsewhere")

@@ -20,6 +20,7 @@ from edgellama.errors import QuantError
 # is rarely a power of two.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+LM_HEAD_BITS = (4, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Settings:
     block_size: int | None = None
     accuracy_level: int | None = None
     exclude: tuple[str, ...] = ()
+    lm_head_bits: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Pass:
     block_size: int | None = None       # the default; None: the pass takes no block size
     accuracy_level: int | None = None   # the default; None: the pass takes no accuracy level
     exclude: bool = True                # takes --exclude
+    lm_head_bits: int | None = None     # the default; None: the pass takes no lm_head bit width
     dtype: str | None = None            # the folder's dtype afterwards; None: unchanged
 
     def apply(self, model: Any, *, target: str, settings: Settings) -> dict:
@@ -53,7 +56,8 @@ PASSES = {p.name: p for p in (
     Pass("int8-dynamic", "int8_dynamic", "int8 weights and per-token int8 activations at run time "
          "(W8A8, MatMulInteger) for CPU; lm_head kept in fp32"),
     Pass("int4", "int4", "4-bit blockwise (MatMulNBits bits=4, zero points, error-minimizing scales) for the "
-         "decoder layers; lm_head and embedding int8", block_size=32, accuracy_level=4),
+         "decoder layers; lm_head and embedding int8 (--lm-head-bits 4: 4-bit, faster, less accurate)",
+         block_size=32, accuracy_level=4, lm_head_bits=8),
 )}
 MODES = tuple(PASSES)
 
@@ -79,7 +83,7 @@ def pattern_list(exclude: Iterable[str] | str | None) -> tuple[str, ...]:
 
 
 def check_request(mode: str, block_size: int | None = None, *, accuracy_level: int | None = None,
-                  exclude: Iterable[str] | str | None = ()) -> Request:
+                  exclude: Iterable[str] | str | None = (), lm_head_bits: int | None = None) -> Request:
     """The pass of `mode` and its settings, or QuantError for an unknown mode, a block size the
     kernels do not support, or a setting the pass does not take. Runs before anything is loaded."""
     p = PASSES.get(mode)
@@ -96,10 +100,15 @@ def check_request(mode: str, block_size: int | None = None, *, accuracy_level: i
     if accuracy_level is not None and (isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS):
         raise QuantError(f"accuracy level {accuracy_level!r} is not one of MatMulNBits' "
                          f"{', '.join(map(str, ACCURACY_LEVELS))}")
+    if p.lm_head_bits is None and lm_head_bits is not None:
+        raise QuantError(f"--lm-head-bits applies to {_taking('lm_head_bits')} only, not to {mode}")
+    if lm_head_bits is not None and (isinstance(lm_head_bits, bool) or lm_head_bits not in LM_HEAD_BITS):
+        raise QuantError(f"lm_head bits {lm_head_bits!r} is not one of {', '.join(map(str, LM_HEAD_BITS))}")
     patterns = pattern_list(exclude)
     if patterns and not p.exclude:
         # Mixed fp32/fp16 graphs need a Cast at every boundary; not worth it for one MatMul.
         raise QuantError(f"--exclude is not supported by {mode} (every tensor of the graph is converted)")
     return Request(p, Settings(block_size=p.block_size if block_size is None else block_size,
                                accuracy_level=p.accuracy_level if accuracy_level is None else accuracy_level,
-                               exclude=patterns))
+                               exclude=patterns,
+                               lm_head_bits=p.lm_head_bits if lm_head_bits is None else lm_head_bits))

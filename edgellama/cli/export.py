@@ -58,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     progress = Progress(enabled=not args.quiet)
     finish = None
-    if args.quant is None and (args.block_size is not None or args.accuracy_level is not None or args.exclude):
-        raise EdgellamaError("--block-size, --accuracy-level and --exclude need --quant")
+    if args.quant is None and (args.block_size is not None or args.accuracy_level is not None or args.exclude
+                               or args.lm_head_bits is not None):
+        raise EdgellamaError("--block-size, --accuracy-level, --lm-head-bits and --exclude need --quant")
     if args.quant is not None:
         from edgellama.quant.registry import check_request
 
-        request = check_request(args.quant, args.block_size, accuracy_level=args.accuracy_level, exclude=args.exclude)
+        request = check_request(args.quant, args.block_size, accuracy_level=args.accuracy_level, exclude=args.exclude,
+                                lm_head_bits=args.lm_head_bits)
         if args.dtype != "fp32":
             raise QuantError(f"--quant starts from an fp32 export, not --dtype {args.dtype}")
 

@@ -23,7 +23,7 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, flag: str, required: bool
                         prefix: str = "") -> None:
     """The quantization flags, built from the pass registry: the mode (`flag`), --block-size,
     --accuracy-level and --exclude. `quantize` and `export --quant` both declare them here."""
-    from edgellama.quant.registry import ACCURACY_LEVELS, BLOCK_SIZES, MODES, PASSES
+    from edgellama.quant.registry import ACCURACY_LEVELS, BLOCK_SIZES, LM_HEAD_BITS, MODES, PASSES
 
     def taking(setting: str) -> str:
         return "/".join(p.name for p in PASSES.values() if getattr(p, setting) not in (None, False))
@@ -38,6 +38,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, flag: str, required: bool
                    help=f"{prefix}{taking('accuracy_level')}: MatMulNBits accuracy_level; {default.accuracy_level} "
                    "(default) quantizes activations to int8 at run time (fast on CPU), 0 keeps them fp32 "
                    "(more accurate, much slower on CPU)")
+    p.add_argument("--lm-head-bits", type=int, default=None, choices=LM_HEAD_BITS,
+                   help=f"{prefix}{taking('lm_head_bits')}: bits of lm_head (and of a tied embedding); 8 (default) "
+                   "keeps most of the quality, 4 is faster and smaller but much less accurate")
     p.add_argument("--exclude", default="", metavar="NAMES",
                    help=f"{prefix}comma-separated node or module names (fnmatch patterns) to keep unquantized, "
                    "e.g. `lm_head` or `model.layers.0.*`")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.quiet)
     out = quantize_folder(args.input, args.output, mode=args.mode, block_size=args.block_size,
                           exclude=args.exclude, force=args.force, accuracy_level=args.accuracy_level,
-                          progress=progress)
+                          lm_head_bits=args.lm_head_bits, progress=progress)
     if args.json:
         from edgellama.cli.output import folder_payload, print_json
 

@@ -16,6 +16,9 @@ builder, interleaved rounds in one process, one table per precision and prompt l
 default --prompt-tokens): prefill ms, decode tok/s, the median step, and with --rss each runner's
 peak RSS in a child process of its own. --no-spin sets ONNX Runtime's
 session.intra_op.allow_spinning=0 on every runner (the default leaves ONNX Runtime's choice).
+--lm-head-bits 4: int4 folders quantized with a 4-bit lm_head (kept apart, suffix -lm4).
+
+Where a step's time goes, graph against graph (ours vs the builder's, per op type): bench/profile_step.py.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--contexts", default=None, help="with --kv-compare: prompt lengths, e.g. 64,1024,3072")
     ap.add_argument("--no-spin", action="store_true", help="session.intra_op.allow_spinning=0 on every runner")
     ap.add_argument("--rss", action="store_true", help="with --kv-compare: peak RSS per runner (child processes)")
+    ap.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8), help="int4's lm_head bits (see above)")
     args = ap.parse_args()
     if args.kv_compare:
         return kv_compare(args)
@@ -120,10 +124,11 @@ def kv_compare(args) -> None:
                 export_model(args.source, fp32, target="ort", kv_cache=contract, force=True)
             folders[contract] = fp32
             if precision != "fp32":
-                folders[contract] = out / f"{args.source}-ort-{contract}-{precision}"
+                head = args.lm_head_bits if precision == "int4" and args.lm_head_bits == 4 else None
+                folders[contract] = out / f"{args.source}-ort-{contract}-{precision}{'-lm4' if head else ''}"
                 if not (folders[contract] / "edgellama.json").is_file():
                     say(f"quantizing {folders[contract].name}")
-                    quantize_folder(fp32, folders[contract], mode=precision, force=True)
+                    quantize_folder(fp32, folders[contract], mode=precision, force=True, lm_head_bits=head)
         runners = [bench.LoopRunner(folders[c], threads=args.threads, session_config=config,
                                     name=f"edgellama {c} cache") for c in ("static", "dynamic")]
         genai_folder = None

@@ -148,8 +148,8 @@ def test_segments_give_the_whole_model_statistics(tmp_path_factory, monkeypatch,
     got = smooth._calibrate(model, values, tokens=256, seed=0, segment_bytes=20_000)
     assert runs[0] >= 10
     want = _whole_model_statistics(fp32, [v.name for v in values], feeds)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+    for g, w in zip(got, want):          # the same kernels on the same inputs: the same bits
+        np.testing.assert_array_equal(g, w)
 
 
 # -- chunks along N -----------------------------------------------------------------------------------

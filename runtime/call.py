@@ -79,10 +79,6 @@ class GenerationResult:
         return dataclasses.asdict(self)
 
 
-def _argmax(logits: np.ndarray) -> np.ndarray:
-    return logits.argmax(axis=-1)    # first maximum, as torch.argmax (and sampling.next_tokens)
-
-
 class Call:
     """The state of one call on `gen` (a Generator): `rows` of new token ids, after `prefix` ids that
     `loop` already holds (a given loop: batch 1). `steps()` runs it; `results()` reads it."""
@@ -229,10 +225,7 @@ class Call:
             try:   # not model.run_errors(): entering a context manager costs more than a step's bookkeeping
                 tokens = choose(advance(feed))
             except Exception as e:
-                error = model.run_error(e)
-                if error is None:
-                    raise
-                raise error from None
+                model.reraise(e)
             self.decode_s = time.perf_counter() - decode_start
         self.finished = True
 
@@ -242,8 +235,6 @@ class Call:
         if self.seen is not None or self.constraints is not None or self.logprobs is not None:
             return self._choose
         params, rng = self.params, self.rng
-        if params.greedy:
-            return _argmax
         return lambda logits: next_tokens(logits, params, rng)
 
     def _advance(self, loop: Any, mask: np.ndarray, pos: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

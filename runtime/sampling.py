@@ -122,8 +122,7 @@ def repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> 
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    src = np.asarray(logits)
-    x = np.asarray(src, dtype=np.float64)
+    x = np.asarray(logits, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 

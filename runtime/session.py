@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -212,19 +212,17 @@ class OrtModel:
         try:
             yield
         except Exception as e:
-            error = self.run_error(e)
-            if error is None:
-                raise
-            raise error from None
+            self.reraise(e)
 
-    def run_error(self, e: BaseException) -> RuntimeInputError | None:
-        """`run_errors` for a hot loop, where entering a context manager each step costs more than the
-        step's own bookkeeping (`try` is free until something is raised): the RuntimeInputError that
-        stands for ONNX Runtime's error `e`, or None when `e` is not ONNX Runtime's."""
+    def reraise(self, e: BaseException) -> NoReturn:
+        """`run_errors` for a hot loop, called in its `except` (entering a context manager each step
+        costs more than the step's own bookkeeping; `try` is free until something is raised): raises
+        the RuntimeInputError that stands for ONNX Runtime's error `e`, or `e` itself when it is not
+        ONNX Runtime's."""
         if not _from_onnxruntime(e):
-            return None
+            raise e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return RuntimeInputError(f"{self.folder}: ONNX Runtime failed to run the model: {first}")
+        raise RuntimeInputError(f"{self.folder}: ONNX Runtime failed to run the model: {first}") from None
 
     @property
     def num_layers(self) -> int:

@@ -133,10 +133,7 @@ class StaticCache:
         try:   # not model.run_errors(): entering a context manager each step costs as much as the rest of `step`
             self._session.run_with_iobinding(self.binding)
         except Exception as e:
-            error = self.model.run_error(e)
-            if error is None:
-                raise
-            raise error from None
+            self.model.reraise(e)
 
     def append(self, rows: Sequence[Sequence[int]], *, keep: int | None = None) -> np.ndarray:
         """Several tokens per row (a prompt, or at batch 1 a further chunk), right-padded to the

@@ -89,7 +89,7 @@ def _choose(wm: common.WeightMatMul, four: matmul_nbits.Choice, eight: matmul_nb
         return matmul_nbits.Columns((("qk", int(n) - v, four), ("v", v, eight)))
     if _is_four_bit(wm):
         return four
-    return head if common.module_name(wm.node) == "lm_head" else eight
+    return head if mod == "lm_head" else eight
 
 
 def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:

@@ -145,13 +145,18 @@ def _initializer_bytes(value: ir.Value) -> int:
 
 def _numpy_gather(node: ir.Node, live: dict[str, np.ndarray]) -> bool:
     """A row Gather of a 2-D initializer with indices already computed: the embedding lookup."""
-    if not common.is_op(node, "Gather") or len(node.inputs) != 2 or node.inputs[1] is None:
+    if not _table_gather(node) or len(node.inputs) != 2 or node.inputs[1] is None:
         return False
     axis = node.attributes.get("axis")
-    table = node.inputs[0]
-    return ((axis.as_int() if axis is not None else 0) == 0 and table is not None and table.is_initializer()
-            and table.const_value is not None and len(table.const_value.shape) == 2
+    return ((axis.as_int() if axis is not None else 0) == 0
             and node.inputs[1].name in live and not node.inputs[1].is_initializer())
+
+
+def _table_gather(node: ir.Node) -> bool:
+    """A Gather from a 2-D initializer (an embedding table): a segment of its own."""
+    table = node.inputs[0] if node.inputs else None
+    return (common.is_op(node, "Gather") and table is not None and table.is_initializer()
+            and table.const_value is not None and len(table.const_value.shape) == 2)
 
 
 def _segments(nodes: list[ir.Node], budget: int) -> list[list[ir.Node]]:
@@ -162,25 +167,21 @@ def _segments(nodes: list[ir.Node], budget: int) -> list[list[ir.Node]]:
     held: set[str] = set()
     size = 0
     for node in nodes:
-        table = node.inputs[0] if node.inputs else None
-        if common.is_op(node, "Gather") and table is not None and table.is_initializer() \
-                and table.const_value is not None and len(table.const_value.shape) == 2:
+        if _table_gather(node):
             if current:
                 runs.append(current)
             runs.append([node])
             current, held, size = [], set(), 0
             continue
-        new = {i.name: _initializer_bytes(i) for i in node.inputs
-               if i is not None and i.is_initializer() and i.const_value is not None and i.name not in held}
-        extra = sum(new.values())
+        inits = {i.name: _initializer_bytes(i) for i in node.inputs
+                 if i is not None and i.is_initializer() and i.const_value is not None}
+        extra = sum(b for name, b in inits.items() if name not in held)
         if current and size + extra > budget:
             runs.append(current)
             current, held, size = [], set(), 0
-            new = {i.name: _initializer_bytes(i) for i in node.inputs
-                   if i is not None and i.is_initializer() and i.const_value is not None}
-            extra = sum(new.values())
+            extra = sum(inits.values())
         current.append(node)
-        held |= set(new)
+        held |= set(inits)
         size += extra
     if current:
         runs.append(current)
@@ -221,7 +222,7 @@ def _run_segments(model: ir.Model, values: list[ir.Value], feeds: dict[str, np.n
             rows = common.part(node.inputs[0].const_value, 0, idx.reshape(-1))
             out = {node.outputs[0].name: rows.reshape(idx.shape + rows.shape[1:])}
         else:
-            out = _run_segment(model, run, protos, live, last_use, wanted, r, onnx)
+            out = _run_segment(model, run, protos, live, last_use, wanted, r, onnx, order)
         for name, x in out.items():
             if name in wanted:
                 stats[name] = np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float64)
@@ -247,12 +248,12 @@ def _node_protos(model: ir.Model) -> dict[str, object]:
             "initializers": {i.name: i for i in proto.graph.initializer}}
 
 
-def _run_segment(model, run, protos, live, last_use, wanted, r, onnx) -> dict[str, np.ndarray]:
+def _run_segment(model, run, protos, live, last_use, wanted, r, onnx, index) -> dict[str, np.ndarray]:
     """One segment as its own session: inputs are what it reads from earlier segments (or the
-    feeds), outputs what later segments or the statistics need, weights handed in as arrays."""
+    feeds), outputs what later segments or the statistics need, weights handed in as arrays;
+    `index` is the graph's node order (_run_segments computes it once for every segment)."""
     import onnxruntime as ort
 
-    index = {node: i for i, node in enumerate(model.graph)}
     produced = {o.name for node in run for o in node.outputs}
     reads, inits = [], []
     for node in run:

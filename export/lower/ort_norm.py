@@ -5,6 +5,12 @@ subtraction, `weight * x_normalized`). ORT's kernels compute the same with fp32 
 (`stash_type=1` for SimplifiedLayerNormalization; SkipSimplifiedLayerNormalization always
 accumulates in fp32).
 
+Not at fp32 on the CPU: there SkipSimplifiedLayerNormalization sums the squares one element after
+another in an fp32 scalar, and its output is measurably further from the fp64 answer than torch's
+or than Add + SimplifiedLayerNormalization (`tests/export/lower/test_kernel_accuracy.py` measures
+both). fp32 is the precision a user picks for faithfulness, so it keeps the unfused Add; fp16 (whose
+own rounding dwarfs that sum's) and CUDA (a tree reduction) take the fused kernel.
+
 A Llama layer feeds each norm `residual + branch` and uses that same sum as the next residual,
 so the Skip variant replaces both the Add and the norm: its output 3 (`input_skip_bias_sum`)
 takes over every other use of the Add's result. The two rules share one check, so they live in
@@ -49,6 +55,9 @@ class SkipSimplifiedLayerNorm(Rule):
     def check(self, node: ir.Node, ctx: Context) -> str | None:
         if (reason := _norm_reason(node, "SkipSimplifiedLayerNormalization", ctx)) is not None:
             return reason
+        if ctx.provider == "cpu" and node.inputs[0].dtype == ir.DataType.FLOAT:
+            return ("ONNX Runtime's fp32 CPU kernel sums the squares serially in fp32, less accurate than "
+                    "torch; Add + SimplifiedLayerNormalization is not")
         add = node.inputs[0].producer()
         if add is None or add.domain != "" or add.op_type != "Add":
             return "input is not produced by an Add (no residual to fuse)"

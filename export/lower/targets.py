@@ -8,7 +8,8 @@ transformers' LlamaForCausalLM, left-padded batches included.
 `ort`, ONNX Runtime's fused contrib kernels for `provider` ("cpu"/"cuda"):
 
     RMSNorm(Add(residual, branch))  ->  com.microsoft.SkipSimplifiedLayerNormalization   (ort_norm.py)
-                                        (output 3, the residual sum, feeds the next residual)
+                                        (output 3, the residual sum, feeds the next residual;
+                                        not fp32 on the CPU, where that kernel is less accurate)
     RMSNorm(anything else)          ->  SimplifiedLayerNormalization (ORT's, domain ai.onnx)
     RotaryEmbedding                 ->  com.microsoft.RotaryEmbedding                    (ort_rotary.py)
     GroupQueryAttention             ->  com.microsoft.GroupQueryAttention (+ attention bias) (ort_gqa.py)

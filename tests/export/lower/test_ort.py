@@ -27,19 +27,32 @@ def test_op_counts_and_graph_contract(portable_fp32):
     assert not [k for k in counts if k[0] == "edgellama"]
     assert counts[("com.microsoft", "GroupQueryAttention")] == LAYERS
     assert counts[("com.microsoft", "RotaryEmbedding")] == 2 * LAYERS
-    # Every norm but the first reads residual + branch: 2L fused, the first (of the embedding) plain.
-    assert counts[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * LAYERS
-    assert counts[("", "SimplifiedLayerNormalization")] == 1
-    assert counts[("", "Add")] == 0   # every residual Add went into a Skip norm
-    assert [(r.node, r.rewrite) for r in refusals] == [
-        ("model.layers.0.input_layernorm/RMSNorm", "skip_simplified_layer_norm")]
-    assert "not produced by an Add" in refusals[0].reason
+    # fp32 on the CPU: no norm takes the Skip kernel (ort_norm.py says why); every residual Add stays.
+    assert counts[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 0
+    assert counts[("", "SimplifiedLayerNormalization")] == 2 * LAYERS + 1
+    assert counts[("", "Add")] == 2 * LAYERS
+    assert {(r.rewrite, "serially in fp32" in r.reason) for r in refusals} == {("skip_simplified_layer_norm", True)}
+    assert len(refusals) == 2 * LAYERS + 1
     assert len(after.functions) == 0
     assert after.opset_imports["com.microsoft"] == 1 and "edgellama" not in after.opset_imports
     assert io_signature(after) == signature
     # Node names survive, so block-level parity probes still find them.
     names = {n.name: n.op_type for n in after.graph}
     assert names["model.layers.2.self_attn/GroupQueryAttention"] == "GroupQueryAttention"
+    assert names["model.norm/RMSNorm"] == "SimplifiedLayerNormalization"
+
+
+def test_fp16_fuses_every_residual_norm():
+    """fp16: every norm but the first reads residual + branch: 2L fused, the first (of the embedding) plain."""
+    lowered, refusals = lower_ort_with_report(portable_fp16())
+    counts = ops(lowered)
+    assert counts[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * LAYERS
+    assert counts[("", "SimplifiedLayerNormalization")] == 1
+    assert counts[("", "Add")] == 0   # every residual Add went into a Skip norm
+    assert [(r.node, r.rewrite) for r in refusals] == [
+        ("model.layers.0.input_layernorm/RMSNorm", "skip_simplified_layer_norm")]
+    assert "not produced by an Add" in refusals[0].reason
+    names = {n.name: n.op_type for n in lowered.graph}
     assert names["model.norm/RMSNorm"] == "SkipSimplifiedLayerNormalization"
 
 

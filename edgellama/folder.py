@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -506,9 +507,8 @@ def verify_folder(folder: Path, *, hash_limit_bytes: int = 1 << 30) -> Manifest:
 
 
 def _external_tensors(model: Any) -> list[Any]:
-    """Every TensorProto with external data in a ModelProto (graph, subgraphs and functions)."""
-    import onnx
-
+    """Every TensorProto with external data in a ModelProto or a model outline (graph, subgraphs
+    and functions)."""
     def tensors(graph):
         yield from graph.initializer
         for node in graph.node:
@@ -528,7 +528,7 @@ def _external_tensors(model: Any) -> list[Any]:
     for fn in model.functions:
         for node in fn.node:
             all_tensors.extend(node_tensors(node))
-    return [t for t in all_tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+    return [t for t in all_tensors if t.data_location == _EXTERNAL]
 
 
 def external_data_paths(model: Any) -> list[str]:
@@ -564,15 +564,20 @@ def check_external_data(model: Any, folder: Path) -> None:
                                    f"{loc[:80]} (offset {offset}, length {length}, file {sizes[loc]} bytes)")
 
 
+# TensorProto.DataType -> bits per element (onnx_ir.DataType.bitwidth, without importing onnx_ir
+# and the sympy it loads: tests/runtime/test_rss_outline.py checks the two agree). STRING and
+# UNDEFINED have no fixed width.
+_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 14: 64, 15: 128,
+         16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4, 24: 8, 25: 2, 26: 2, 27: 6, 28: 6}
+_EXTERNAL = 1   # TensorProto.DataLocation.EXTERNAL
+
+
 def _tensor_bytes(tensor: Any) -> int | None:
     """Bytes a tensor's data takes, from its dims and element type (None when the type has no fixed width)."""
-    import onnx_ir as ir
-
     if any(d < 0 for d in tensor.dims):
         return 1 << 62  # never fits: a negative dimension is a corrupted record
-    try:
-        bits = ir.DataType(tensor.data_type).bitwidth
-    except (ValueError, TypeError, NotImplementedError):
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
         return None
     numel = 1
     for d in tensor.dims:
@@ -583,7 +588,7 @@ def _tensor_bytes(tensor: Any) -> int | None:
 def check_vocab(model: Any, *, vocab_size: int, folder: Path) -> None:
     """Refuse a folder whose manifest's vocab_size disagrees with the graph (the rows of the embedding
     table that input_ids index, the logits' width): the runtime bounds token ids by the manifest, and
-    ids past the real table would reach ONNX Runtime's Gather."""
+    ids past the real table would reach ONNX Runtime's Gather. `model`: a ModelProto or an outline."""
     sizes = {}
     rows = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
     for node in model.graph.node:
@@ -606,18 +611,100 @@ def load_model_proto(folder: Path, *, with_weights: bool = True) -> Any:
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
-    folder = Path(folder)
-    path = folder / MODEL
-    if not path.is_file():
-        raise ModelFolderError(f"{folder}: {MODEL} is missing")
+    path = _model_path(folder)
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several types for garbage
         raise ModelFolderError(f"{path} is corrupted: {e}") from None
-    check_external_data(model, folder)
+    check_external_data(model, Path(folder))
     if with_weights:
         load_external_data_for_model(model, str(folder))
     return model
+
+
+def load_model_outline(folder: Path) -> Any:
+    """model.onnx's outline, its external data checked to stay inside the folder: what the checks
+    here read (initializer records, nodes, attributes, functions, graph outputs), parsed with
+    protobuf alone under onnx.proto's own field numbers, so `.graph.initializer`, `.functions`,
+    `HasField` and the rest read as on a ModelProto and the same fields parse to the same values.
+    The runtime checks every folder it opens with this, not `load_model_proto`: importing onnx
+    and onnx_ir (which loads sympy) would add ~50 MB to every process's resident memory."""
+    path = _model_path(folder)
+    try:
+        outline = _outline_class().FromString(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types for garbage
+        raise ModelFolderError(f"{path} is corrupted: {e}") from None
+    check_external_data(outline, Path(folder))
+    return outline
+
+
+def _model_path(folder: Path) -> Path:
+    path = Path(folder) / MODEL
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: {MODEL} is missing")
+    return path
+
+
+# The outline's messages: onnx.proto's (proto2, so that strings, enums, oneofs and merges of repeated
+# messages parse as onnx's own classes parse them) less the fields no check reads; protobuf skips
+# those as unknown fields. A message field kept only for its oneof is declared `bytes`: same wire
+# type, never parsed.
+_OUTLINE_MESSAGES: dict[str, list[tuple]] = {
+    # message: [(field, number, label, type or message, oneof)]
+    "StringStringEntryProto": [("key", 1, "o", "string"), ("value", 2, "o", "string")],
+    "TensorProto": [("dims", 1, "r", "int64"), ("data_type", 2, "o", "int32"), ("name", 8, "o", "string"),
+                    ("external_data", 13, "r", "StringStringEntryProto"),
+                    ("data_location", 14, "o", "DataLocation")],
+    "Dimension": [("dim_value", 1, "o", "int64", 0), ("dim_param", 2, "o", "string", 0)],
+    "TensorShapeProto": [("dim", 1, "r", "Dimension")],
+    "TensorType": [("elem_type", 1, "o", "int32"), ("shape", 2, "o", "TensorShapeProto")],
+    "TypeProto": [("tensor_type", 1, "o", "TensorType", 0), ("sequence_type", 4, "o", "bytes", 0),
+                  ("map_type", 5, "o", "bytes", 0), ("opaque_type", 7, "o", "bytes", 0),
+                  ("sparse_tensor_type", 8, "o", "bytes", 0), ("optional_type", 9, "o", "bytes", 0)],
+    "ValueInfoProto": [("name", 1, "o", "string"), ("type", 2, "o", "TypeProto")],
+    "AttributeProto": [("name", 1, "o", "string"), ("t", 5, "o", "TensorProto"), ("g", 6, "o", "GraphProto"),
+                       ("tensors", 10, "r", "TensorProto"), ("graphs", 11, "r", "GraphProto")],
+    "NodeProto": [("input", 1, "r", "string"), ("output", 2, "r", "string"), ("name", 3, "o", "string"),
+                  ("op_type", 4, "o", "string"), ("attribute", 5, "r", "AttributeProto"),
+                  ("domain", 7, "o", "string")],
+    "GraphProto": [("node", 1, "r", "NodeProto"), ("name", 2, "o", "string"), ("initializer", 5, "r", "TensorProto"),
+                   ("output", 12, "r", "ValueInfoProto")],
+    "FunctionProto": [("name", 1, "o", "string"), ("node", 7, "r", "NodeProto")],
+    "ModelProto": [("graph", 7, "o", "GraphProto"), ("functions", 25, "r", "FunctionProto")],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _outline_class() -> Any:
+    """The outline's ModelProto class, built once, in a descriptor pool of its own (onnx's
+    classes, if a process imports them, are not touched)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    scalars = {"string": F.TYPE_STRING, "bytes": F.TYPE_BYTES, "int32": F.TYPE_INT32, "int64": F.TYPE_INT64}
+    package = "edgellama.outline"
+    file = descriptor_pb2.FileDescriptorProto(name="edgellama_outline.proto", package=package, syntax="proto2")
+    location = file.enum_type.add(name="DataLocation")
+    location.value.add(name="DEFAULT", number=0)
+    location.value.add(name="EXTERNAL", number=_EXTERNAL)
+    for name, fields in _OUTLINE_MESSAGES.items():
+        message = file.message_type.add(name=name)
+        if any(len(f) > 4 for f in fields):
+            message.oneof_decl.add(name="value")
+        for field, number, label, kind, *oneof in fields:
+            f = message.field.add(name=field, number=number,
+                                  label=F.LABEL_REPEATED if label == "r" else F.LABEL_OPTIONAL)
+            if kind in scalars:
+                f.type = scalars[kind]
+            elif kind == "DataLocation":
+                f.type, f.type_name = F.TYPE_ENUM, f".{package}.DataLocation"
+            else:
+                f.type, f.type_name = F.TYPE_MESSAGE, f".{package}.{kind}"
+            if oneof:
+                f.oneof_index = oneof[0]
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ModelProto"))
 
 
 def load_model_ir(folder: Path) -> Any:

@@ -142,9 +142,10 @@ class OrtModel:
         except (KeyError, TypeError) as e:
             raise ModelFolderError(f"{self.folder}: the manifest has no usable config ({e})") from None
         # model.onnx is untrusted input: its external data must stay inside the folder, whichever
-        # graph runs.
+        # graph runs. The folder's own is read as an outline (protobuf only): importing onnx and
+        # onnx_ir to read it cost every process ~50 MB of resident memory.
         if proto is None:
-            graph = model_folder.load_model_proto(self.folder, with_weights=False)
+            graph = model_folder.load_model_outline(self.folder)
         else:
             model_folder.check_external_data(proto, self.folder)
             graph = proto

@@ -6,8 +6,15 @@ symmetric or not, which accuracy level) belongs to the pass that calls `rewrite`
 
 Tied embeddings (one initializer read by the embedding Gather and, through a Transpose, by
 lm_head/MatMul): when lm_head is quantized symmetrically with a block size dividing K, the Gather
-reads the lm_head's own quantized bytes (a Reshape, which ONNX Runtime folds at load), so the
-table is stored once, as in the fp32 export.
+reads the lm_head's own quantized bytes, so the table is stored once, as in the fp32 export. It
+reads them in MatMulNBits' own [N, n_blocks, blob] layout (blocks along the last axis, each row's
+blocks reshaped to [.., K] after the gather), not through a Reshape of the initializer: ONNX
+Runtime constant-folds such a Reshape at load into a second copy of the table (smollm2 int8: 32 MB,
+held while the session loads, which made loading the peak of a bare generation loop; bench/rss.py
+measures it). The gathered rows are the same bits either way. Only the scales are stored twice
+(MatMulNBits takes [N * n_blocks] or [N, n_blocks], the Gather of a 3-D table [N, n_blocks, 1]; a
+float per block, 1/8 of the table's bytes at 8 bits), written next to the lm_head's own from the
+same computation.
 
 Sibling MatMuls (the same input, the same Choice: q/k/v, gate/up) become ONE MatMulNBits over
 their weights stacked along N, then a Split back to the original outputs. Per-column
@@ -73,6 +80,12 @@ class _Plan:
     def blob(self) -> int:
         return self.block_size * self.bits // 8
 
+    @property
+    def shareable(self) -> bool:
+        """Whether a tied embedding's GatherBlockQuantized can read these bytes: symmetric (the Gather
+        takes no MatMulNBits zero points) and whole blocks along K."""
+        return self.zero_points is None and self.k % self.block_size == 0
+
     def zero_points_shape(self) -> tuple[int, ...]:
         if self.bits == 8 or self.zero_points == np.float32:
             return (self.n * self.n_blocks,)
@@ -114,6 +127,17 @@ class _Rewrite:
         common.replace(self.graph, [wm.node], [node], [out])
         return names
 
+    def tied(self, wm: common.WeightMatMul, plan: _Plan) -> dict[str, ir.Value]:
+        """A tied lm_head's MatMulNBits and, when shareable, the scales an embedding Gather of its
+        bytes needs ([N, n_blocks, 1]), registered right after the lm_head's own so that the folder
+        writes them from one computation of the plan (dropped with the unused if no Gather reads them)."""
+        names = self.single(wm, plan)
+        if plan.shareable:
+            n, nb = plan.n, plan.n_blocks
+            names["gather_scales"] = self.initializer(plan.deferred.part(lambda p: p.scales.reshape(n, nb, 1)),
+                                                      ir.DataType.FLOAT, (n, nb, 1), f"{names['scales'].name}_3d")
+        return names
+
     def columns(self, wm: common.WeightMatMul, plans: Sequence[_Plan], labels: Sequence[str]) -> None:
         """One MatMulNBits per column range of `wm`'s weight, then Concat (last axis) into its output."""
         module = common.module_name(wm.node)
@@ -143,23 +167,26 @@ class _Rewrite:
         split = common.op("Split", [stacked, size_node.outputs[0]], outs, name=f"{module}/Split", axis=-1)
         common.replace(self.graph, [wm.node for wm in wms], [node, size_node, split], outs)
 
-    def gather_shared(self, node: ir.Node, names: dict[str, ir.Value], plan: _Plan) -> None:
-        """GatherBlockQuantized over the lm_head's MatMulNBits bytes: [N, nb, blob] -> [N, K*bits/8]."""
-        n, nb = plan.n, plan.n_blocks
+    def gather_shared(self, node: ir.Node, names: dict[str, ir.Value], plan: _Plan) -> bool:
+        """GatherBlockQuantized over the lm_head's MatMulNBits bytes as they are ([N, nb, blob],
+        blocks along the last axis), its output [.., nb, block] reshaped to [.., K]; False when the
+        ids' rank is unknown (the reshape needs it)."""
+        ids = node.inputs[1]
+        if ids.shape is None:
+            return False
         mod = common.module_name(node)
-        data2d, scales2d = f"{names['data'].name}_2d", f"{names['scales'].name}_2d"
-        # Shapes as Constant nodes, not initializers: the folder stores every initializer externally
-        # and shape inference cannot read a Reshape's shape from external data.
-        shape_d = common.constant(f"{data2d}_shape", np.array([n, nb * plan.blob], np.int64),
-                                  name=f"{mod}/Constant_data_shape")
-        shape_s = common.constant(f"{scales2d}_shape", np.array([n, nb], np.int64), name=f"{mod}/Constant_scales_shape")
-        reshape_d = common.op("Reshape", [names["data"], shape_d.outputs[0]], [data2d], name=f"{mod}/Reshape_data")
-        reshape_s = common.op("Reshape", [names["scales"], shape_s.outputs[0]], [scales2d], name=f"{mod}/Reshape_scales")
-        out = common.output_like(node.outputs[0])
-        gather = common.op("GatherBlockQuantized", [reshape_d.outputs[0], node.inputs[1], reshape_s.outputs[0]], [out],
+        blocks = ir.Value(name=self.names(f"{mod}/GatherBlockQuantized_output_0"))
+        gather = common.op("GatherBlockQuantized", [names["data"], ids, names["gather_scales"]], [blocks],
                            name=common.renamed(node, "GatherBlockQuantized"), domain=common.MS_DOMAIN,
-                           bits=plan.bits, block_size=plan.block_size, quantize_axis=1, gather_axis=0)
-        common.replace(self.graph, [node], [shape_d, shape_s, reshape_d, reshape_s, gather], [out])
+                           bits=plan.bits, block_size=plan.block_size, quantize_axis=2, gather_axis=0)
+        # The shape as a Constant node, not an initializer: the folder stores every initializer
+        # externally and shape inference cannot read a Reshape's shape from external data.
+        shape = common.constant(self.names(f"{mod}/rows_shape"), np.array([0] * len(ids.shape) + [plan.k], np.int64),
+                                name=f"{mod}/Constant_rows_shape")
+        out = common.output_like(node.outputs[0])
+        rows = common.op("Reshape", [blocks, shape.outputs[0]], [out], name=f"{mod}/Reshape_rows")
+        common.replace(self.graph, [node], [gather, shape, rows], [out])
+        return True
 
     def gather_own(self, node: ir.Node, block_size: int) -> bool:
         """An int8 symmetric copy of the table [V, H], blocked along H; False when H is not a block multiple."""
@@ -229,7 +256,7 @@ def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice |
         stats.matmuls[common.module_name(wm.node)] = c.bits
         if wm.transposed:
             # A tied lm_head: its bytes are shared with the embedding below, so it stays its own node.
-            tied[wm.weight.name] = (plan, edit.single(wm, plan))
+            tied[wm.weight.name] = (plan, edit.tied(wm, plan))
         else:
             groups.setdefault((wm.node.inputs[0].name, c), []).append((wm, plan))
     for members in groups.values():
@@ -240,8 +267,7 @@ def rewrite(model: ir.Model, *, choose: Callable[[common.WeightMatMul], Choice |
     stats.excluded = [common.module_name(n) for n in graph if common.is_op(n, "MatMul") and common.excluded(n, exclude)]
     for node in common.embedding_gathers(graph, exclude=exclude):
         shared = tied.get(node.inputs[0].name)
-        if shared is not None and shared[0].zero_points is None and shared[0].k % shared[0].block_size == 0:
-            edit.gather_shared(node, shared[1], shared[0])
+        if shared is not None and shared[0].shareable and edit.gather_shared(node, shared[1], shared[0]):
             stats.embedding = f"shared with lm_head (int{shared[0].bits})"
         elif edit.gather_own(node, block_size):
             stats.embedding = "int8"

@@ -308,32 +308,78 @@ def run_bench(runners: Sequence[Runner], *, prompt: list[int], new_tokens: int, 
     return rows
 
 
-def peak_rss_mb(runner: str, folder: Path, *, prompt: list[int], new_tokens: int, threads: int | None = None,
-                session_config: dict[str, str] | None = None) -> float:
-    """Peak resident memory (MB) of a fresh process that loads one runner ("loop" or "genai") on
-    `folder` and generates once: each runner alone, so neither counts the other's memory."""
-    script = (
-        "import json, resource, sys\n"
-        "from pathlib import Path\n"
-        "from edgellama.check import bench\n"
-        "a = json.loads(sys.argv[1])\n"
-        "if a['runner'] == 'loop':\n"
-        "    r = bench.LoopRunner(Path(a['folder']), threads=a['threads'], session_config=a['config'])\n"
-        "else:\n"
-        "    r = bench.GenaiRunner(Path(a['folder']), name='genai', precision='?', threads=a['threads'],\n"
-        "                          session_config=a['config'])\n"
-        "r.run(a['prompt'], a['new_tokens'])\n"
-        # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into the child's ru_maxrss
-        # across exec, so a child forked from a process holding three models reported theirs.
-        "hwm = [l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:')]\n"
-        "print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+# The child of `memory_profile`: each phase's resident memory from /proc/self/status. VmHWM, not
+# ru_maxrss: Linux carries the forking parent's peak into the child's ru_maxrss across exec, so a
+# child forked from a process holding three models reported theirs. RssAnon (heap: copies, arenas,
+# caches) and RssFile (mapped files: libraries, mmap'd weights) say what kind of memory a phase adds.
+_PROFILE_CHILD = """\
+import json, sys
+from pathlib import Path
+
+def status():
+    fields = dict(line.split(':', 1) for line in Path('/proc/self/status').read_text().splitlines() if ':' in line)
+    kib = lambda k: int(fields[k].split()[0]) if k in fields else 0
+    return {'rss': kib('VmRSS'), 'anon': kib('RssAnon'), 'file': kib('RssFile'), 'hwm': kib('VmHWM')}
+
+a = json.loads(sys.argv[1])
+phases = [('start', status())]
+import onnxruntime   # every runner's engine, so that 'loaded' is the session alone
+if a['runner'] == 'generator':
+    from edgellama.runtime.generator import Generator
+else:
+    from edgellama.check import bench
+    if a['runner'] == 'genai':
+        import onnxruntime_genai
+    else:
+        from edgellama.runtime import kv_loop, session
+phases.append(('imports', status()))
+if a['runner'] == 'generator':
+    gen = Generator(Path(a['folder']), provider='cpu', threads=a['threads'])
+elif a['runner'] == 'loop':
+    r = bench.LoopRunner(Path(a['folder']), threads=a['threads'], session_config=a['config'])
+else:
+    r = bench.GenaiRunner(Path(a['folder']), name='genai', precision='?', threads=a['threads'],
+                          session_config=a['config'])
+phases.append(('loaded', status()))
+if a['runner'] == 'generator':
+    gen.generate_ids(a['prompt'], max_new_tokens=a['new_tokens'], eos=False)
+else:
+    r.run(a['prompt'], a['new_tokens'])
+phases.append(('generated', status()))
+print(json.dumps(phases))
+"""
+
+MEMORY_RUNNERS = ("generator", "loop", "genai")
+
+
+def memory_profile(runner: str, folder: Path, *, prompt: list[int], new_tokens: int, threads: int | None = None,
+                   session_config: dict[str, str] | None = None) -> list[tuple[str, dict[str, float]]]:
+    """Resident memory of a fresh process that loads one runner on `folder` and generates once
+    (greedy, no early stop), phase by phase: [(phase, {"rss", "anon", "file", "hwm"} in MB)] for
+    "start", "imports" (onnxruntime and the runner's modules), "loaded" (the session created, with
+    whatever it imports on the way) and "generated"; the last phase's "hwm" is the process's peak.
+    Runners: "generator" (runtime.Generator.generate_ids), "loop" (LoopRunner: our KV loop, greedy)
+    or "genai" (GenaiRunner), each alone in its process, so none counts another's memory.
+    `session_config` goes to the loop and genai runners."""
+    if runner not in MEMORY_RUNNERS:
+        raise RuntimeInputError(f"unknown memory runner {runner!r}; choose one of {', '.join(MEMORY_RUNNERS)}")
     args = {"runner": runner, "folder": str(folder), "threads": threads, "config": session_config,
             "prompt": list(prompt), "new_tokens": new_tokens}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _PROFILE_CHILD, json.dumps(args)], capture_output=True, text=True)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EdgellamaError(f"measuring the peak memory of {runner} on {folder} failed: {tail[0]}")
-    return int(proc.stdout.strip().splitlines()[-1]) / 1024   # KiB on Linux
+        raise EdgellamaError(f"measuring the memory of {runner} on {folder} failed: {tail[0]}")
+    phases = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [(name, {k: v / 1024 for k, v in kib.items()}) for name, kib in phases]   # KiB on Linux
+
+
+def peak_rss_mb(runner: str, folder: Path, *, prompt: list[int], new_tokens: int, threads: int | None = None,
+                session_config: dict[str, str] | None = None) -> float:
+    """Peak resident memory (MB) of `memory_profile`'s child process: the runner loaded alone on
+    `folder`, generating once."""
+    phases = memory_profile(runner, folder, prompt=prompt, new_tokens=new_tokens, threads=threads,
+                            session_config=session_config)
+    return phases[-1][1]["hwm"]
 
 
 def format_table(rows: Sequence[Row], *, bandwidth: float | None = None) -> str:

@@ -1,0 +1,108 @@
+"""Issue 11's memory goal: peak RSS of a 128-token greedy generation, ours against onnxruntime-genai.
+
+    python bench/rss.py --out /tmp/mem                       # fp32, int8, int4; 64-token prompt
+    python bench/rss.py --out /tmp/mem --precisions int8 --runner loop
+
+Each figure comes from a fresh child process that loads one runner on one folder and generates
+once (check/bench.memory_profile): ours through `edgellama.runtime.Generator` (--runner generator,
+the default) or the bare KV loop (--runner loop, what bench/speed.py --rss measures), genai through
+its own Generator on its builder's export of the same checkpoint. Besides the peak, each phase's
+resident memory: after the imports (onnxruntime and the runner's modules), after the session is
+created, after the generation; `anon` is heap (copies, arenas), `file` mapped files (libraries,
+mmap'd weights), so a row says where its memory went.
+
+Folders under --out, built when missing and reused after: {fp32,int8,int4} (ours: `ort` target,
+static KV cache, as `edgellama export smollm2 --target ort` and `edgellama quantize` write them),
+smollm2-hf and genai-smollm2-{precision} (the builder's output, as bench/speed.py builds it).
+
+Measured (2026-12-03, 2 shared cores, onnxruntime 1.31.1, onnxruntime-genai 0.18.0), peak MB, ours /
+genai: Generator fp32 715 / 836, int8 336 / 383, int4 287 / 258; loop 699 / 836, 301 / 383, 255 /
+258. Before the runtime read model.onnx as an outline (no onnx / onnx_ir import) and the tied int8
+table stopped being folded into a copy: Generator 766, 385, 339; loop 750, 368, 322. What is left
+of the Generator's int4 gap is its tokenizer (tokenizers' BPE of smollm2: ~42 MB, loaded in
+Generator.__init__; genai's own tokenizer, when a genai program loads one, ~20 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/rss"))
+    ap.add_argument("--source", default="smollm2")
+    ap.add_argument("--precisions", default="fp32,int8,int4")
+    ap.add_argument("--runner", default="generator", choices=("generator", "loop"), help="our side (see above)")
+    ap.add_argument("--no-genai", action="store_true", help="our side only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--json", type=Path, default=None, help="also write every profile here")
+    args = ap.parse_args()
+
+    from edgellama import folder as model_folder
+    from edgellama.check import bench
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for precision in args.precisions.split(","):
+        ours = _ours(args.source, out, precision)
+        prompt = bench.bench_prompt(model_folder.read_manifest(ours).config["vocab_size"], args.prompt_tokens)
+        sides = [(f"edgellama {args.runner}", args.runner, ours)]
+        if not args.no_genai:
+            sides.append(("onnxruntime-genai", "genai", _genai(args.source, out, precision)))
+        print(f"\n== {args.source} {precision}: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+              f"batch 1, CPU, {args.threads} threads; MB (rss / anon / file), peak = VmHWM", flush=True)
+        for name, runner, folder in sides:
+            phases = bench.memory_profile(runner, folder, prompt=prompt, new_tokens=args.new_tokens,
+                                          threads=args.threads)
+            cells = "  ".join(f"{p}: {m['rss']:.0f} / {m['anon']:.0f} / {m['file']:.0f}" for p, m in phases)
+            peak = phases[-1][1]["hwm"]
+            print(f"{name:<22} {precision:<5} peak {peak:6.0f}   {cells}", flush=True)
+            records.append({"side": name, "precision": precision, "folder": str(folder), "peak_mb": peak,
+                            "phases": dict(phases), "prompt_tokens": args.prompt_tokens,
+                            "new_tokens": args.new_tokens, "threads": args.threads})
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+
+
+def _say(s: str) -> None:
+    print(f"[rss] {s}", file=sys.stderr, flush=True)
+
+
+def _ours(source: str, out: Path, precision: str) -> Path:
+    """Our `ort` static-cache folder of `source` at `precision` (quantized from the fp32 export)."""
+    from edgellama.export.onnx_export import export_model
+    from edgellama.quant.api import quantize_folder
+
+    folder, fp32 = out / precision, out / "fp32"
+    if (folder / "edgellama.json").is_file():
+        return folder
+    if not (fp32 / "edgellama.json").is_file():
+        _say(f"exporting {source} (ort, static KV cache)")
+        export_model(source, fp32, target="ort", force=True)
+    if precision != "fp32":
+        _say(f"quantizing {folder.name}")
+        quantize_folder(fp32, folder, mode=precision, force=True)
+    return folder
+
+
+def _genai(source: str, out: Path, precision: str) -> Path:
+    """onnxruntime-genai's builder export of the same checkpoint (bench.build_genai_model)."""
+    from edgellama.check import bench
+    from edgellama.export.sources import save_hf_folder
+
+    hf = out / f"{source}-hf"
+    if not (hf / "config.json").is_file():
+        _say("writing the Hugging Face folder for onnxruntime-genai's builder")
+        save_hf_folder(source, hf)
+    return bench.build_genai_model(hf, out / f"genai-{source}-{precision}", precision=precision)
+
+
+if __name__ == "__main__":
+    main()

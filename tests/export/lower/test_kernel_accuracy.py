@@ -126,3 +126,21 @@ def test_rotary_kernels_we_lower_to_are_as_accurate_as_torch(rotary_case, kernel
     err = rms_error(session([ROTARIES[kernel]], list(feed), ["y"]).run(["y"], feed)[0], exact)
     print(f"{kernel}: rms error vs fp64 {err:.3e}, torch {torch_err:.3e}")
     assert err <= ACCURACY_RATIO * torch_err
+
+
+# -- MatMul ----------------------------------------------------------------------------------------
+def test_matmul_is_as_accurate_as_torchs_gemm():
+    """ONNX Runtime's fp32 MatMul against torch's Linear on the same rows (a GEMM). Torch gives a
+    single row (a decode step) a matrix-vector path that is printed beside: it accumulates more
+    finely than either GEMM, so per-kernel comparisons at one row would measure that path."""
+    x = (rng.standard_normal((16, HIDDEN)) * 2).astype(np.float32)
+    w = (rng.standard_normal((8192, HIDDEN)) * 0.05).astype(np.float32)        # [out, in], as Linear
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    gemm = rms_error(torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w)).numpy(), exact)
+    rows = np.concatenate([torch.nn.functional.linear(torch.from_numpy(x[i:i + 1]), torch.from_numpy(w)).numpy()
+                           for i in range(len(x))])
+    sess = session([helper.make_node("MatMul", ["x", "w"], ["y"])], ["x", "w"], ["y"])
+    err = rms_error(sess.run(["y"], {"x": x, "w": np.ascontiguousarray(w.T)})[0], exact)
+    print(f"MatMul: rms error vs fp64 {err:.3e}, torch GEMM {gemm:.3e}, torch one row at a time "
+          f"{rms_error(rows, exact):.3e}")
+    assert err <= ACCURACY_RATIO * gemm

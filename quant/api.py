@@ -110,7 +110,7 @@ def quantize_folder(src: Path | str, dst: Path | str, *, mode: str, block_size: 
             raise QuantError(f"{src}: its manifest says fp16 but model.onnx holds no float16 weights or inputs; "
                              "not an fp16 export edgellama wrote")
         with progress.step("widen fp16 -> fp32"):
-            widened = widen.apply(model)
+            widened = widen.apply(model, provider=manifest.provider)
         manifest = dataclasses.replace(manifest, dtype="fp32")
     entry = apply_request(model, request, target=manifest.target, progress=progress)
     if source_dtype == "fp16":

@@ -12,7 +12,9 @@ outputs, and one Cast at the end because `logits` always leaves in float32. Undo
   clipping), become float32's extremes again, as the fp32 export has them;
 - Cast to float16 becomes Cast to float32; every float16 value (graph inputs and outputs: the KV
   cache) becomes float32;
-- Casts that now cast float32 to float32 are removed (the logits Cast: lm_head writes `logits`).
+- Casts that now cast float32 to float32 are removed (the logits Cast: lm_head writes `logits`);
+- a SkipSimplifiedLayerNormalization the fp32 lowering refuses for the folder's provider (fp32 on
+  the CPU: export/lower/ort_norm.py) is split back into the residual Add and a plain norm.
 Function bodies are dtype-polymorphic (export/functions.py) and are left as they are.
 
 The weights are the fp16 ones widened, so the result is the fp32 export of the fp16-rounded
@@ -24,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgellama.export.lower import ort_norm
 from edgellama.quant import common
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
@@ -54,8 +57,9 @@ def is_fp16(model: ir.Model) -> bool:
         any(v.dtype == FLOAT16 for v in [*g.inputs, *g.outputs])
 
 
-def apply(model: ir.Model) -> dict:
-    """Widen the fp16 `model` to fp32 in place; returns a record of what was changed."""
+def apply(model: ir.Model, *, provider: str = "cpu") -> dict:
+    """Widen the fp16 `model` (exported for `provider`) to fp32 in place; returns a record of what
+    was changed."""
     graph = model.graph
     n_init = 0
     for v in graph.initializers.values():
@@ -96,5 +100,11 @@ def apply(model: ir.Model) -> dict:
                 src.shape = shape
             src.metadata_props.update(meta)
             removed += 1
+    split = 0
+    if not ort_norm.skip_kernel_is_accurate(FLOAT, provider):
+        for node in list(graph):
+            if (node.domain, node.op_type) == (ort_norm.MS_DOMAIN, "SkipSimplifiedLayerNormalization"):
+                ort_norm.split_skip_norm(node, graph)
+                split += 1
     return {"from": "fp16", "initializers": n_init, "constants": n_const, "casts": n_cast,
-            "identity_casts_removed": removed}
+            "identity_casts_removed": removed, "skip_norms_split": split}

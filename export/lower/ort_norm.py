@@ -40,6 +40,37 @@ def _norm_reason(node: ir.Node, op_type: str, ctx: Context) -> str | None:
     return None
 
 
+def skip_kernel_is_accurate(dtype: ir.DataType | None, provider: str) -> bool:
+    """Whether ORT's SkipSimplifiedLayerNormalization is as accurate as Add + SimplifiedLayerNormalization
+    for `dtype` on `provider` (see the module docstring)."""
+    return not (provider == "cpu" and dtype == ir.DataType.FLOAT)
+
+
+def _plain_norm(inputs: list[ir.Value], epsilon: float, name: str | None) -> ir.Node:
+    return ir.node("SimplifiedLayerNormalization", inputs,
+                   {"epsilon": epsilon, "axis": -1, "stash_type": int(ir.DataType.FLOAT)}, name=name)
+
+
+# The fused node keeps the name of the Add it absorbed, so `split_skip_norm` can give it back.
+_ADD_NAME = "edgellama.residual_add"
+
+
+def split_skip_norm(node: ir.Node, graph: ir.Graph) -> None:
+    """Undo SkipSimplifiedLayerNorm's rewrite of `node` in place: the residual Add and a plain
+    SimplifiedLayerNormalization, named and ordered as the plain lowering leaves them (quant/widen.py
+    calls it when an fp16 graph becomes the fp32 graph, where the Skip kernel is refused)."""
+    residual, branch, scale = node.inputs[:3]
+    add = ir.node("Add", [residual, branch], name=node.metadata_props.get(_ADD_NAME))
+    norm = _plain_norm([add.outputs[0], scale], node.attributes["epsilon"].as_float(), node.name)
+    graph.insert_before(node, [add, norm])
+    for old, new in ((node.outputs[3], add.outputs[0]), (node.outputs[0], norm.outputs[0])):
+        name, shape, dtype = old.name, old.shape, old.dtype
+        ir.convenience.replace_all_uses_with(old, new)
+        old.name = None
+        new.name, new.shape, new.dtype = name, shape, dtype
+    graph.remove(node, safe=True)
+
+
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     # Symbolic dims compare by name: the exporter names batch/sequence dims consistently.
     return (a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape)
@@ -55,7 +86,7 @@ class SkipSimplifiedLayerNorm(Rule):
     def check(self, node: ir.Node, ctx: Context) -> str | None:
         if (reason := _norm_reason(node, "SkipSimplifiedLayerNormalization", ctx)) is not None:
             return reason
-        if ctx.provider == "cpu" and node.inputs[0].dtype == ir.DataType.FLOAT:
+        if not skip_kernel_is_accurate(node.inputs[0].dtype, ctx.provider):
             return ("ONNX Runtime's fp32 CPU kernel sums the squares serially in fp32, less accurate than "
                     "torch; Add + SimplifiedLayerNormalization is not")
         add = node.inputs[0].producer()
@@ -80,6 +111,7 @@ class SkipSimplifiedLayerNorm(Rule):
         # Outputs 1 and 2 (mean, inverse std-var) are for training: the empty name omits them, so the
         # saver does not invent names that make ORT compute and keep them.
         fused.outputs[1].name = fused.outputs[2].name = ""
+        fused.metadata_props[_ADD_NAME] = add.name
         # At the Add's place: its inputs are defined there, and every use of the sum comes after it.
         ctx.graph.insert_before(add, fused)
         ctx.rewire([node.outputs[0], add.outputs[0]], [fused.outputs[0], fused.outputs[3]])
@@ -96,6 +128,4 @@ class SimplifiedLayerNorm(Rule):
         return _norm_reason(node, "SimplifiedLayerNormalization", ctx)
 
     def rewrite(self, node: ir.Node, ctx: Context) -> None:
-        ctx.replace(node, ir.node("SimplifiedLayerNormalization", list(node.inputs),
-                                  {"epsilon": node.attributes["epsilon"].as_float(), "axis": -1,
-                                   "stash_type": int(ir.DataType.FLOAT)}, name=node.name))
+        ctx.replace(node, _plain_norm(list(node.inputs), node.attributes["epsilon"].as_float(), node.name))

@@ -5,6 +5,7 @@ fp32 computation gives."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,14 @@ def _pair(tmp_path_factory, target: str, kv_cache: str) -> tuple[Path, Path]:
 
 
 def _structure(model: ir.Model) -> onnx.ModelProto:
-    """The model without weight bytes or metadata (torch's trace records its own node names there)."""
+    """The model without weight bytes or metadata (torch's trace records its own node names there),
+    the values onnx_ir named itself (`val_N`, numbered as rules happened to create them: an fp16
+    graph's Skip norms, split again by widen, used up other numbers) renamed in graph order."""
+    generated = [v for n in model.graph for v in n.outputs if v.name and re.fullmatch(r"val_\d+", v.name)]
+    for v in generated:
+        v.name = None
+    for i, v in enumerate(generated):
+        v.name = f"generated_{i}"
     proto = ir.to_proto(model)
     for t in proto.graph.initializer:
         for field in ("raw_data", "external_data", "data_location", "float_data", "int32_data", "int64_data"):
@@ -195,3 +203,18 @@ def test_the_fp16_folder_quantizes_the_same_with_tiny_chunks_and_segments(tmp_pa
     monkeypatch.setattr(smooth, "SEGMENT_BYTES", 20_000)
     small = quantize_folder(fp16, tmp_path / "small", mode="int4")
     assert _sha(plain / folder.DATA) == _sha(small / folder.DATA)
+
+
+def test_widen_splits_the_skip_norms_only_where_the_fp32_lowering_refuses_them(tmp_path_factory):
+    """fp32 on the CPU refuses ORT's Skip norm (export/lower/ort_norm.py): widen splits each back into
+    Add + SimplifiedLayerNormalization; for CUDA, whose fp32 export keeps it, it stays."""
+    _, fp16 = _pair(tmp_path_factory, "ort", "static")
+    skip = ("com.microsoft", "SkipSimplifiedLayerNormalization")
+    for provider, kept in (("cpu", 0), ("cuda", None)):
+        model = folder.load_model_ir(fp16)
+        fused = sum((n.domain, n.op_type) == skip for n in model.graph)
+        assert fused > 0
+        record = widen.apply(model, provider=provider)
+        left = sum((n.domain, n.op_type) == skip for n in model.graph)
+        assert left == (fused if kept is None else kept)
+        assert record["skip_norms_split"] == fused - left

@@ -10,6 +10,7 @@ tests/ is a package, so a test imports these by name: `from tests.conftest impor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -84,12 +85,62 @@ def smollm2_model():
 # A tiny export costs seconds of torch.export tracing and a smollm2 export about a minute; the
 # tests that only read a folder share one per (source, options). A test that edits a folder copies it.
 _EXPORTS: dict[tuple, Path] = {}
+# The source opened and the portable graph traced once per (source, dtype, opset), for every target
+# and KV cache contract exported from them: smollm2's trace is ~30 s of a ~40 s export, and its
+# GGUF opening ~6 s. The trace is a function of the config alone (built on the meta device, weights
+# attached as LazyTensors that read the source when the folder is written), and lowering edits a
+# model in place, so each export gets its own `clone()` (nodes and values its own; tensors and
+# metadata shared, which no lowering writes). test_a_shared_export_equals_a_fresh_one
+# (tests/export/test_export.py) holds two lowerings of one trace to export_model's bytes.
+_OPENED: dict[str, tuple] = {}
+_TRACED: dict[tuple, object] = {}
+
+
+def _clone(model):
+    """`model.clone()` that names the values a lowering adds as they are named in `model` itself:
+    onnx_ir names an unnamed value `val_<counter>` from a counter kept per graph, which clone()
+    restarts (a clone's folder would differ from a fresh export's in those names, and in no other
+    byte). A private attribute of onnx_ir, so checked: a release without it fails here, not later."""
+    import copy
+
+    out = model.clone()
+    assert hasattr(model.graph, "_name_authority"), "onnx_ir changed how it names values: see _clone"
+    out.graph._name_authority = copy.deepcopy(model.graph._name_authority)
+    return out
+
+
+@contextlib.contextmanager
+def _one_trace_per_source(source: str):
+    import copy
+
+    from edgellama.export import onnx_export, sources
+
+    open_source, export_weights = sources.open_source, onnx_export.export_weights
+
+    def opened(spec):
+        if spec not in _OPENED:
+            _OPENED[spec] = open_source(spec)
+        weights, tokenizer, info = _OPENED[spec]
+        return weights, tokenizer, copy.deepcopy(info)
+
+    def traced(weights, *, dtype, opset):
+        key = (source, dtype, opset)
+        if key not in _TRACED:
+            _TRACED[key] = export_weights(weights, dtype=dtype, opset=opset)
+        return _clone(_TRACED[key])
+
+    sources.open_source, onnx_export.export_weights = opened, traced
+    try:
+        yield
+    finally:
+        sources.open_source, onnx_export.export_weights = open_source, export_weights
 
 
 def shared_export(tmp_path_factory, source: str = "tiny", **options) -> Path:
     """`export_model(source, OUT, **options)` once per session and set of options, OUT in a session
     temp folder. Defaults are keyed as resolved, so `target="portable"` and `target="portable",
-    dtype="fp32", kv_cache="dynamic"` share one folder."""
+    dtype="fp32", kv_cache="dynamic"` share one folder; folders of one source and dtype share its
+    opening and its trace (see `_TRACED`)."""
     from edgellama.export.lower.targets import default_kv_cache
     from edgellama.export.onnx_export import export_model
 
@@ -102,8 +153,9 @@ def shared_export(tmp_path_factory, source: str = "tiny", **options) -> Path:
                                                provider=options["provider"])
     key = (source, *sorted(options.items()))
     if key not in _EXPORTS:
-        name = "-".join([source, *(str(v) for _, v in sorted(options.items()))])
-        _EXPORTS[key] = export_model(source, tmp_path_factory.mktemp("shared") / name, **options)
+        name = "-".join([Path(source).name, *(str(v) for _, v in sorted(options.items()))])
+        with _one_trace_per_source(source):
+            _EXPORTS[key] = export_model(source, tmp_path_factory.mktemp("shared") / name, **options)
     return _EXPORTS[key]
 
 

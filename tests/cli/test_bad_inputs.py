@@ -31,8 +31,10 @@ from tests.conftest import build_toy
 def shared(tmp_path_factory) -> dict[str, Path]:
     from edgellama.export.sources import save_hf_folder
 
+    from tests.conftest import shared_export
+
     root = tmp_path_factory.mktemp("shared")
-    assert main(["export", "tiny", "-o", str(root / "tiny"), "--quiet"]) == 0
+    shutil.copytree(shared_export(tmp_path_factory, "tiny"), root / "tiny")   # the session's export, not traced again
     assert main(["quantize", str(root / "tiny"), "-o", str(root / "int8"), "--mode", "int8", "--quiet"]) == 0
     build_toy(root / "toy")
     save_hf_folder("tiny", root / "hf")

@@ -33,9 +33,11 @@ EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("src") / "tiny"
-    assert cli_main.main(["export", "tiny", "-o", str(out), "--quiet"]) == 0
-    return out
+    """The older good folder each moment starts from (copied) and quantizes (read only): the
+    session's shared tiny export."""
+    from tests.conftest import shared_export
+
+    return shared_export(tmp_path_factory, "tiny")
 
 
 def files(folder: Path) -> dict[str, str]:

@@ -143,3 +143,20 @@ def test_force_replaces_only_once_the_new_folder_is_whole(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_shared_export_equals_a_fresh_one(tmp_path_factory, tmp_path):
+    """tests/conftest.shared_export opens a source and traces it once for all the folders it exports
+    from it (each lowering a clone of that trace); the folders the suite reads stand for export_model's,
+    so they must be its bytes: two targets lowered from one trace, each against a fresh export."""
+    import hashlib
+
+    from tests.conftest import shared_export
+
+    def files(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    shared_export(tmp_path_factory, "tiny")      # the trace the two below are lowered from, at least once before
+    for options in ({"target": "ort"}, {"target": "ort", "kv_cache": "dynamic"}):
+        fresh = onnx_export.export_model("tiny", tmp_path / options.get("kv_cache", "static"), **options)
+        assert files(shared_export(tmp_path_factory, "tiny", **options)) == files(fresh), options

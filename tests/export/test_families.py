@@ -225,14 +225,24 @@ def family_folder(name: str, out) -> "Path":
     return folder
 
 
+_ORT_FOLDERS: dict[str, "Path"] = {}
+
+
+def family_ort_folder(tmp_path_factory, name: str) -> "Path":
+    """The family's ort export (default KV cache contract) of its HF folder, once per session: the
+    tests here and test_families_toolkit's quality scores only read it (and its HF folder, parity's
+    torch reference)."""
+    if name not in _ORT_FOLDERS:
+        base = tmp_path_factory.mktemp(name)
+        _ORT_FOLDERS[name] = onnx_export.export_model(str(family_folder(name, base / "hf")), base / "ort",
+                                                      target="ort")
+    return _ORT_FOLDERS[name]
+
+
 @pytest.fixture(scope="module")
 def ort_folders(tmp_path_factory):
     """name -> the family's ort export (default KV cache contract)."""
-    out = {}
-    for name in ("qwen2", "qwen3", "mistral-window5"):
-        base = tmp_path_factory.mktemp(name)
-        out[name] = onnx_export.export_model(str(family_folder(name, base / "hf")), base / "ort", target="ort")
-    return out
+    return {name: family_ort_folder(tmp_path_factory, name) for name in ("qwen2", "qwen3", "mistral-window5")}
 
 
 def manifest(folder) -> dict:

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")   # a dev extra
 
 from edgellama.check import quality  # noqa: E402
 from edgellama.export import onnx_export  # noqa: E402
-from tests.export.test_families import GREEDY, TOL, family_folder, family_model  # noqa: E402
+from tests.export.test_families import GREEDY, TOL, family_folder, family_model, family_ort_folder  # noqa: E402
 
 QUALITY_FAMILIES = ("qwen2", "qwen3", "mistral-window5")   # Mistral's ort export is a static-KV-cache folder
 MODES = ("fp16", "int8", "int8-dynamic", "int4")
@@ -44,7 +44,7 @@ def family_scores(tmp_path_factory):
         model = family_model(name)
         wins = windows(model.config.vocab_size)
         ref = quality.evaluate(quality.torch_logits_fn(model), wins, keep_logprobs=True)
-        fp32 = onnx_export.export_model(str(family_folder(name, base / "hf")), base / "fp32", target="ort")
+        fp32 = family_ort_folder(tmp_path_factory, name)      # test_families' folder, read only
         folders = {"fp32": fp32, **{m: quantize_folder(fp32, base / m, mode=m) for m in MODES}}
         c = model.config
         out[name] = {"torch": ref.scores, "kv_cache": json.loads((fp32 / "edgellama.json").read_text())["kv_cache"]}

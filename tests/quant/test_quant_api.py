@@ -11,6 +11,7 @@ from edgellama.cli.main import main
 from edgellama.errors import QuantError
 from edgellama import folder
 from edgellama.quant.api import MODES, check_request, quantize_folder
+from tests.conftest import shared_export
 from tests.quant.conftest import shared_tiny
 
 
@@ -170,11 +171,11 @@ def test_export_quant_in_memory_matches_quantize_folder(tiny, tiny_int8, tmp_pat
     assert set(manifest.files) == set(expected.files)
 
 
-def test_export_quant_int4_static_in_memory_matches_quantize_folder(tmp_path, capsys):
+def test_export_quant_int4_static_in_memory_matches_quantize_folder(tmp_path_factory, tmp_path, capsys):
     # The static contract's packed q|k|v weight keeps v at 8 bits: in memory its width is read from
-    # the initializer (the graph Value may carry no shape there), with the same bytes as from a folder.
-    fp32, direct = tmp_path / "fp32", tmp_path / "direct"
-    assert main(["export", "tiny", "--target", "ort", "-o", str(fp32), "--quiet"]) == 0
+    # the initializer (the graph Value may carry no shape there), with the same bytes as from a folder
+    # (the session's tiny ort export: `export tiny --target ort`'s bytes).
+    fp32, direct = shared_export(tmp_path_factory, "tiny", target="ort"), tmp_path / "direct"
     assert main(["quantize", str(fp32), "-o", str(tmp_path / "two-step"), "--mode", "int4", "--quiet"]) == 0
     assert main(["export", "tiny", "--target", "ort", "-o", str(direct), "--quant", "int4", "--quiet"]) == 0
     capsys.readouterr()

@@ -32,9 +32,10 @@ def text_folders(tmp_path_factory):
     """{"hf": transformers folder, "static": ort static folder, "dynamic": ort dynamic folder}."""
     pytest.importorskip("torch")
     from edgellama.export import sources
-    from edgellama.export.onnx_export import export_model
+    from tests.conftest import shared_export
 
     root = tmp_path_factory.mktemp("text-model")
     hf = sources.save_hf_folder("tiny", root / "hf", transform=ascii_head)
-    return {"hf": hf, "static": export_model(str(hf), root / "static", target="ort", force=True),
-            "dynamic": export_model(str(hf), root / "dynamic", target="ort", kv_cache="dynamic", force=True)}
+    # shared_export: the two contracts lowered from one trace of the folder.
+    return {"hf": hf, "static": shared_export(tmp_path_factory, str(hf), target="ort"),
+            "dynamic": shared_export(tmp_path_factory, str(hf), target="ort", kv_cache="dynamic")}

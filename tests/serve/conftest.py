@@ -26,13 +26,13 @@ pytest.importorskip("openai")
 
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory) -> dict[str, Path]:
-    """The built-in tiny model (byte tokenizer, ChatML template) exported to both KV cache contracts."""
+    """The built-in tiny model (byte tokenizer, ChatML template) exported to both KV cache contracts
+    (the session's shared folders: the server only reads them)."""
     pytest.importorskip("torch")
-    from edgellama.export.onnx_export import export_model
+    from tests.conftest import shared_export
 
-    root = tmp_path_factory.mktemp("serve-tiny")
-    return {"tiny": export_model("tiny", root / "tiny", target="ort", force=True),
-            "tiny-dyn": export_model("tiny", root / "tiny-dyn", target="ort", kv_cache="dynamic", force=True)}
+    return {"tiny": shared_export(tmp_path_factory, "tiny", target="ort"),
+            "tiny-dyn": shared_export(tmp_path_factory, "tiny", target="ort", kv_cache="dynamic")}
 
 
 @pytest.fixture(scope="session")

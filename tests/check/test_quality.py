@@ -245,11 +245,15 @@ def test_onnx_export_of_tiny_agrees_with_torch(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smollm2_weights_sit_on_the_gguf_grid_and_degrid_moves_them(tmp_path):
-    from edgellama.export.sources import load_source, smollm2_path
+    from edgellama.export.sources import smollm2_path
+
+    from tests.conftest import smollm2_model
 
     path = smollm2_path()
     steps = q.gguf_steps(path)
-    _, weights, _, _ = load_source("smollm2")
+    # The loaded weights by their HF names: the session's smollm2 (load_model = load_source's tensors
+    # in a Llama; state_dict gives them back detached), not a second read of the GGUF.
+    weights = smollm2_model()[0].state_dict()
     assert len(steps) == len([k for k in weights if k.endswith("proj.weight")]) + 1
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"):

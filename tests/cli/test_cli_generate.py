@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +18,16 @@ def run_cli(*args, stdin=None):
     p = subprocess.run([sys.executable, "-m", "edgellama.cli.main", *map(str, args)], capture_output=True,
                        text=True, timeout=600, input=stdin)
     return p.returncode, p.stdout, p.stderr
+
+
+def run_main(capsys, monkeypatch, *args, stdin=None):
+    """`main(args)` in this process, stdin given as bytes: what the smollm2 tests check is the command's
+    output, not the process (a subprocess paid an interpreter and the imports again for every run)."""
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 def one_line_error(rc, err, words):
@@ -69,13 +80,13 @@ def smollm2(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_generate_streams_and_json_agrees(smollm2):
-    rc, out, err = run_cli("generate", smollm2, "--prompt", "What is the capital of France?", "--chat",
-                           "--provider", "cpu", "--max-new-tokens", "24")
+def test_generate_streams_and_json_agrees(smollm2, capsys, monkeypatch):
+    rc, out, err = run_main(capsys, monkeypatch, "generate", smollm2, "--prompt", "What is the capital of France?",
+                            "--chat", "--provider", "cpu", "--max-new-tokens", "24")
     assert rc == 0, err
     assert "Paris" in out
-    rc, js, err = run_cli("generate", smollm2, "--prompt", "-", "--chat", "--provider", "cpu",
-                          "--max-new-tokens", "24", "--json", stdin="What is the capital of France?")
+    rc, js, err = run_main(capsys, monkeypatch, "generate", smollm2, "--prompt", "-", "--chat", "--provider", "cpu",
+                           "--max-new-tokens", "24", "--json", stdin="What is the capital of France?")
     d = json.loads(js)
     assert rc == 0 and {"text", "token_ids", "prefill_ms", "decode_tokens_per_s"} <= set(d)
     assert d["text"].strip() == out.strip() and d["provider"] == "cpu"
@@ -83,11 +94,11 @@ def test_generate_streams_and_json_agrees(smollm2):
 
 
 @pytest.mark.slow
-def test_generate_sampling_is_seeded(smollm2):
+def test_generate_sampling_is_seeded(smollm2, capsys, monkeypatch):
     args = ("generate", smollm2, "--prompt", "Once upon a time", "--provider", "cpu", "--max-new-tokens", "16",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--json")
-    a = json.loads(run_cli(*args, "--seed", "7")[1])
-    b = json.loads(run_cli(*args, "--seed", "7")[1])
+    a = json.loads(run_main(capsys, monkeypatch, *args, "--seed", "7")[1])
+    b = json.loads(run_main(capsys, monkeypatch, *args, "--seed", "7")[1])
     assert a["token_ids"] == b["token_ids"] and a["seed"] == 7
 
 

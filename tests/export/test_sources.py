@@ -59,7 +59,9 @@ def test_tiny_is_deterministic(tiny):
 
 @pytest.mark.slow
 def test_smollm2_loads():
-    model, tok, info = sources.load_model("smollm2")
+    from tests.conftest import smollm2_model
+
+    model, tok, info = smollm2_model()     # load_model("smollm2"), once for the session's readers of it
     c = model.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
     assert c.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight

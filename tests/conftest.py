@@ -159,6 +159,20 @@ def shared_export(tmp_path_factory, source: str = "tiny", **options) -> Path:
     return _EXPORTS[key]
 
 
+@contextlib.contextmanager
+def fresh_dir(prefix: str = "edgellama-"):
+    """A new empty folder, removed after the block: for hypothesis examples, which cannot take
+    pytest's function-scoped tmp_path (one folder would be shared by every example)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # -- the portable trace, once per model --------------------------------------------------------------
 _TRACES: dict[tuple, object] = {}
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from edgellama.export import sources
 from edgellama.export.config import LlamaConfig
 from edgellama.export.model import rope_inv_freq
 from edgellama.folder import FORMAT_VERSION, MANIFEST, Manifest
-from tests.conftest import seeded_llama
+from tests.conftest import fresh_dir, seeded_llama
 from tests.export.test_sources import write_gguf
 
 FUZZ = settings()   # the profile tests/conftest.py loads ("edgellama" unless --hypothesis-profile names another)
@@ -51,14 +49,6 @@ def one_line(error: Exception) -> None:
     text = str(error)
     assert text and "\n" not in text and len(text) < 2000 and SECRET not in text
 
-
-@contextmanager
-def fresh_dir():
-    path = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- config.json ----------------------------------------------------------------------------------------
@@ -121,7 +111,7 @@ FILE_NAMES = st.sampled_from(["model.onnx", "tokenizer.json", "../outside.txt", 
                                                                 "sha256": st.text(max_size=4) | ODD}), max_size=3),
        raw_text=st.none() | st.text(max_size=40))
 def test_manifest(changes, files, raw_text):
-    with fresh_dir() as root:
+    with fresh_dir("fuzz-") as root:
         outside = root / "outside.txt"
         outside.write_text(SECRET * 300)             # 4200 bytes: its size must never show up either
         folder = root / "model"
@@ -318,7 +308,7 @@ def test_external_data_records(offset, length, location, dims):
     import onnx
     from onnx import TensorProto, helper
 
-    with fresh_dir() as folder:
+    with fresh_dir("fuzz-") as folder:
         (folder / "model.onnx.data").write_bytes(b"\0" * 64)
         tensor = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=dims)
         tensor.data_location = TensorProto.EXTERNAL

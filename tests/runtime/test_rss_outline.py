@@ -8,11 +8,8 @@ answers on both, for hostile records as for real folders.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -24,18 +21,10 @@ from onnx import TensorProto, helper
 
 from edgellama import folder as model_folder
 from edgellama.errors import ModelFolderError
-from tests.conftest import build_toy, shared_export
+from tests.conftest import build_toy, fresh_dir, shared_export
 
 FUZZ = settings()   # the profile tests/conftest.py loads
 
-
-@contextmanager
-def fresh_dir():
-    path = Path(tempfile.mkdtemp(prefix="outline-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def outcome(check) -> str:
@@ -121,7 +110,7 @@ def test_external_data_checks_agree(offset, length, location, dims, data_type, l
     for key, value in record.items():
         tensor.external_data.add(key=key, value=value)
     model = placed(tensor, where)
-    with fresh_dir() as folder:
+    with fresh_dir("outline-") as folder:
         (folder / model_folder.DATA).write_bytes(b"\0" * 64)
         (folder / model_folder.MODEL).write_bytes(model.SerializeToString())
         assert outcome(lambda: model_folder.load_model_outline(folder)) == \
@@ -133,7 +122,7 @@ def test_external_data_checks_agree(offset, length, location, dims, data_type, l
 def test_damaged_model_files_read_alike(data):
     """Bytes of a real folder's model.onnx overwritten or cut: wherever onnx can parse them, the
     outline parses them too, and both checks decide the same."""
-    with fresh_dir() as root:
+    with fresh_dir("outline-") as root:
         folder = build_toy(root / "toy")
         blob = bytearray((folder / model_folder.MODEL).read_bytes())
         if data.draw(st.booleans()):

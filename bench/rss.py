@@ -11,9 +11,9 @@ resident memory: after the imports (onnxruntime and the runner's modules), after
 created, after the generation; `anon` is heap (copies, arenas), `file` mapped files (libraries,
 mmap'd weights), so a row says where its memory went.
 
-Folders under --out, built when missing and reused after: {fp32,int8,int4} (ours: `ort` target,
-static KV cache, as `edgellama export smollm2 --target ort` and `edgellama quantize` write them),
-smollm2-hf and genai-smollm2-{precision} (the builder's output, as bench/speed.py builds it).
+Folders under --out, built when missing and reused after (check/bench.our_folder, genai_folder, as
+bench/speed.py builds them): ours `ort` with its default (static) KV cache, as `edgellama export
+smollm2 --target ort` and `edgellama quantize` write them; genai's builder output of the same checkpoint.
 
 Measured (2026-12-03, 2 shared cores, onnxruntime 1.31.1, onnxruntime-genai 0.18.0), peak MB, ours /
 genai: Generator fp32 715 / 836, int8 336 / 383, int4 287 / 258; loop 699 / 836, 301 / 383, 255 /
@@ -51,11 +51,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for precision in args.precisions.split(","):
-        ours = _ours(args.source, out, precision)
+        ours = bench.our_folder(args.source, out, precision=precision, say=_say)
         prompt = bench.bench_prompt(model_folder.read_manifest(ours).config["vocab_size"], args.prompt_tokens)
         sides = [(f"edgellama {args.runner}", args.runner, ours)]
         if not args.no_genai:
-            sides.append(("onnxruntime-genai", "genai", _genai(args.source, out, precision)))
+            sides.append(("onnxruntime-genai", "genai", bench.genai_folder(args.source, out, precision=precision,
+                                                                           say=_say)))
         print(f"\n== {args.source} {precision}: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
               f"batch 1, CPU, {args.threads} threads; MB (rss / anon / file), peak = VmHWM", flush=True)
         for name, runner, folder in sides:
@@ -73,35 +74,6 @@ def main() -> None:
 
 def _say(s: str) -> None:
     print(f"[rss] {s}", file=sys.stderr, flush=True)
-
-
-def _ours(source: str, out: Path, precision: str) -> Path:
-    """Our `ort` static-cache folder of `source` at `precision` (quantized from the fp32 export)."""
-    from edgellama.export.onnx_export import export_model
-    from edgellama.quant.api import quantize_folder
-
-    folder, fp32 = out / precision, out / "fp32"
-    if (folder / "edgellama.json").is_file():
-        return folder
-    if not (fp32 / "edgellama.json").is_file():
-        _say(f"exporting {source} (ort, static KV cache)")
-        export_model(source, fp32, target="ort", force=True)
-    if precision != "fp32":
-        _say(f"quantizing {folder.name}")
-        quantize_folder(fp32, folder, mode=precision, force=True)
-    return folder
-
-
-def _genai(source: str, out: Path, precision: str) -> Path:
-    """onnxruntime-genai's builder export of the same checkpoint (bench.build_genai_model)."""
-    from edgellama.check import bench
-    from edgellama.export.sources import save_hf_folder
-
-    hf = out / f"{source}-hf"
-    if not (hf / "config.json").is_file():
-        _say("writing the Hugging Face folder for onnxruntime-genai's builder")
-        save_hf_folder(source, hf)
-    return bench.build_genai_model(hf, out / f"genai-{source}-{precision}", precision=precision)
 
 
 if __name__ == "__main__":

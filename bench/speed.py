@@ -51,9 +51,6 @@ def main() -> None:
         return kv_compare(args)
 
     from edgellama.check import bench
-    from edgellama.export.onnx_export import export_model
-    from edgellama.export.sources import save_hf_folder
-    from edgellama.quant.api import quantize_folder
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)
@@ -64,25 +61,12 @@ def main() -> None:
     for precision in args.precisions.split(","):
         runners = []
         for target in args.targets.split(","):
-            fp32 = out / f"{args.source}-{target}-fp32"
-            if not (fp32 / "edgellama.json").is_file():
-                say(f"exporting {args.source} ({target})")
-                export_model(args.source, fp32, target=target, force=True)
-            folder = fp32
-            if precision != "fp32":
-                folder = out / f"{args.source}-{target}-{precision}"
-                if not (folder / "edgellama.json").is_file():
-                    say(f"quantizing {folder.name}")
-                    quantize_folder(fp32, folder, mode=precision, force=True)
+            folder = bench.our_folder(args.source, out, precision=precision, target=target, say=say)
             runners.append(bench.OursRunner(folder, provider="cpu", threads=args.threads,
                                             name=f"edgellama {target}"))
         if not runners:
             continue
-        hf = out / f"{args.source}-hf"
-        if not (hf / "config.json").is_file():
-            say("writing the Hugging Face folder for onnxruntime-genai's builder")
-            save_hf_folder(args.source, hf)
-        built = bench.build_genai_model(hf, out / f"genai-{args.source}-{precision}", precision=precision)
+        built = bench.genai_folder(args.source, out, precision=precision, say=say)
         runners.append(bench.GenaiRunner(built, name="onnxruntime-genai builder", precision=precision,
                                          threads=args.threads))
         runners.append(bench.GenaiRunner(runners[0].gen.model.folder, name="onnxruntime-genai on our folder",
@@ -103,9 +87,6 @@ def main() -> None:
 
 def kv_compare(args) -> None:
     from edgellama.check import bench
-    from edgellama.export.onnx_export import export_model
-    from edgellama.export.sources import save_hf_folder
-    from edgellama.quant.api import quantize_folder
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)
@@ -116,27 +97,15 @@ def kv_compare(args) -> None:
     contexts = [int(c) for c in (args.contexts or str(args.prompt_tokens)).split(",")]
     all_rows = []
     for precision in args.precisions.split(","):
-        folders = {}
-        for contract in ("static", "dynamic"):
-            fp32 = out / f"{args.source}-ort-{contract}-fp32"
-            if not (fp32 / "edgellama.json").is_file():
-                say(f"exporting {args.source} (ort, {contract} KV cache)")
-                export_model(args.source, fp32, target="ort", kv_cache=contract, force=True)
-            folders[contract] = fp32
-            if precision != "fp32":
-                head = args.lm_head_bits if precision == "int4" and args.lm_head_bits == 4 else None
-                folders[contract] = out / f"{args.source}-ort-{contract}-{precision}{'-lm4' if head else ''}"
-                if not (folders[contract] / "edgellama.json").is_file():
-                    say(f"quantizing {folders[contract].name}")
-                    quantize_folder(fp32, folders[contract], mode=precision, force=True, lm_head_bits=head)
+        head = args.lm_head_bits if precision == "int4" and args.lm_head_bits == 4 else None
+        folders = {contract: bench.our_folder(args.source, out, precision=precision, kv_cache=contract,
+                                              lm_head_bits=head, say=say)
+                   for contract in ("static", "dynamic")}
         runners = [bench.LoopRunner(folders[c], threads=args.threads, session_config=config,
                                     name=f"edgellama {c} cache") for c in ("static", "dynamic")]
         genai_folder = None
         if args.source in ("smollm2",) or Path(args.source).is_dir():
-            hf = out / f"{args.source}-hf"
-            if not (hf / "config.json").is_file():
-                save_hf_folder(args.source, hf)
-            genai_folder = bench.build_genai_model(hf, out / f"genai-{args.source}-{precision}", precision=precision)
+            genai_folder = bench.genai_folder(args.source, out, precision=precision, say=say)
         else:   # a source genai's builder cannot read (tiny): genai runs our static folder
             genai_folder = folders["static"]
         runners.append(bench.GenaiRunner(genai_folder, name="onnxruntime-genai", precision=precision,

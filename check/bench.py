@@ -254,6 +254,39 @@ class GenaiRunner(Runner):
                       [x * 1e3 for x in steps])
 
 
+def our_folder(source: str, out: Path, *, precision: str, target: str = "ort", kv_cache: str | None = None,
+               lm_head_bits: int | None = None, say: Callable[[str], None] = lambda s: None) -> Path:
+    """Our export of `source` for `target` (and `kv_cache`, None: the target's default) at `precision`,
+    quantized from the fp32 export, each cached in `out` under a name that says what it is."""
+    from edgellama.export.onnx_export import export_model
+    from edgellama.quant.api import quantize_folder
+
+    stem = f"{source}-{target}" + (f"-{kv_cache}" if kv_cache else "")
+    fp32 = out / f"{stem}-fp32"
+    if not (fp32 / "edgellama.json").is_file():
+        say(f"exporting {source} ({target}{f', {kv_cache} KV cache' if kv_cache else ''})")
+        export_model(source, fp32, target=target, kv_cache=kv_cache, force=True)
+    if precision == "fp32":
+        return fp32
+    folder = out / f"{stem}-{precision}{'-lm4' if lm_head_bits == 4 else ''}"
+    if not (folder / "edgellama.json").is_file():
+        say(f"quantizing {folder.name}")
+        quantize_folder(fp32, folder, mode=precision, force=True, lm_head_bits=lm_head_bits)
+    return folder
+
+
+def genai_folder(source: str, out: Path, *, precision: str, say: Callable[[str], None] = lambda s: None) -> Path:
+    """onnxruntime-genai's builder export of `source` at `precision` (through a Hugging Face folder
+    written once), cached in `out`."""
+    from edgellama.export.sources import save_hf_folder
+
+    hf = out / f"{source}-hf"
+    if not (hf / "config.json").is_file():
+        say("writing the Hugging Face folder for onnxruntime-genai's builder")
+        save_hf_folder(source, hf)
+    return build_genai_model(hf, out / f"genai-{source}-{precision}", precision=precision)
+
+
 def build_genai_model(hf_folder: Path, out: Path, *, precision: str, provider: str = "cpu") -> Path:
     """onnxruntime-genai's own export of the same checkpoint (its model builder), cached in `out`."""
     if (out / "genai_config.json").is_file():

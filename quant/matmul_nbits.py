@@ -9,9 +9,8 @@ lm_head/MatMul): when lm_head is quantized symmetrically with a block size divid
 reads the lm_head's own quantized bytes, so the table is stored once, as in the fp32 export. It
 reads them in MatMulNBits' own [N, n_blocks, blob] layout (blocks along the last axis, each row's
 blocks reshaped to [.., K] after the gather), not through a Reshape of the initializer: ONNX
-Runtime constant-folds such a Reshape at load into a second copy of the table (smollm2 int8: 32 MB,
-held while the session loads, which made loading the peak of a bare generation loop; bench/rss.py
-measures it). The gathered rows are the same bits either way. Only the scales are stored twice
+Runtime constant-folds such a Reshape at load into a second copy of the table, held while the
+session loads (bench/rss.py measures what it cost). The gathered rows are the same bits either way. Only the scales are stored twice
 (MatMulNBits takes [N * n_blocks] or [N, n_blocks], the Gather of a 3-D table [N, n_blocks, 1]; a
 float per block, 1/8 of the table's bytes at 8 bits), written next to the lm_head's own from the
 same computation.

@@ -19,7 +19,6 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 ACCURACY_RATIO = 1.25
 EPS = 1e-5
-rng = np.random.default_rng(0)
 
 
 def session(nodes, inputs, outputs):
@@ -46,6 +45,7 @@ HIDDEN = 576
 @pytest.fixture(scope="module")
 def norm_case():
     """(feed, fp64 answer, torch's error): RMSNorm(residual + branch) with transformers' LlamaRMSNorm."""
+    rng = np.random.default_rng(0)   # each case its own stream: the data do not depend on which tests run
     x = (rng.standard_normal((1, 2048, HIDDEN)) * 3).astype(np.float32)
     skip = (rng.standard_normal((1, 2048, HIDDEN)) * 3).astype(np.float32)
     gamma = rng.standard_normal(HIDDEN).astype(np.float32)
@@ -94,6 +94,7 @@ HEADS, HEAD_DIM, POSITIONS = 9, 64, 8192
 @pytest.fixture(scope="module")
 def rotary_case():
     """(feed, fp64 answer, torch's error): transformers' apply_rotary_pos_emb on fp32 cos/sin tables."""
+    rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 1024, HEADS * HEAD_DIM)).astype(np.float32)
     pos = rng.integers(0, POSITIONS, (1, 1024)).astype(np.int64)
     inv_freq = 1.0 / (100000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.int64).float() / HEAD_DIM))
@@ -133,6 +134,7 @@ def test_matmul_is_as_accurate_as_torchs_gemm():
     """ONNX Runtime's fp32 MatMul against torch's Linear on the same rows (a GEMM). Torch gives a
     single row (a decode step) a matrix-vector path that is printed beside: it accumulates more
     finely than either GEMM, so per-kernel comparisons at one row would measure that path."""
+    rng = np.random.default_rng(2)
     x = (rng.standard_normal((16, HIDDEN)) * 2).astype(np.float32)
     w = (rng.standard_normal((8192, HIDDEN)) * 0.05).astype(np.float32)        # [out, in], as Linear
     exact = x.astype(np.float64) @ w.astype(np.float64).T

@@ -16,6 +16,7 @@ early `break`, or after `close()`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,6 +37,23 @@ PER_ROW = ("max_new_tokens", "stop", "seed", "defaults")
 def shared_options(options: GenerationOptions) -> tuple:
     """The fields rows must agree on to share one call (hashable unless a constraint is given)."""
     return tuple(getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in PER_ROW)
+
+
+class _LazyText:
+    """GenerationResult.text: a str, or a function of no arguments in its place, called when the
+    text is first read (a call that needed no text leaves decoding its tokens, and loading the
+    tokenizer, to whoever reads it). repr, ==, to_dict, copies and pickles read the text."""
+
+    def __get__(self, obj: Any, owner: Any = None) -> str:
+        if obj is None:
+            raise AttributeError("text")        # a dataclass field without a default
+        value = obj.__dict__["_text"]
+        if callable(value):
+            value = obj.__dict__["_text"] = value()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__["_text"] = value
 
 
 @dataclasses.dataclass
@@ -59,7 +77,7 @@ class GenerationResult:
     decode_tokens_per_s   the tokens after the first one over the time of their steps
     """
 
-    text: str
+    text: str = _LazyText()     # type: ignore[assignment]
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str
@@ -77,6 +95,9 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_text": self.text}   # the text, not the function that decodes it
 
 
 class Call:
@@ -274,13 +295,18 @@ class Call:
         held = 0 if self.loop is None else self.loop.past_len
         return (self.prefix + self.rows[0] + self.new[0])[:held]
 
-    def _text(self, i: int) -> str:
+    def _text(self, i: int) -> str | Callable[[], str]:
+        """Row i's text; a call that decoded no text gives the function that decodes it (read
+        when the result's `.text` is, so that token ids in and out never load the tokenizer)."""
         new, reason = self.new[i], self.stop_reason[i]
         if isinstance(reason, str):
             full = self.gen.decode(new)
             hit = find_stop(full, [reason])
             return full[:hit[0]] if hit else self.texts[i].text[:self.texts[i].cut]
-        return self.gen.decode(new[:-1] if isinstance(reason, int) else new)
+        ids = new[:-1] if isinstance(reason, int) else list(new)
+        if self.texts is None:
+            return functools.partial(self.gen.decode, ids)
+        return self.gen.decode(ids)
 
     def results(self) -> list[GenerationResult]:
         return [self.result(i) for i in range(len(self.rows))]

@@ -19,11 +19,18 @@ transformers' `generate` builds them, so each row generates what it would alone.
 Generator serves concurrent calls from several threads: ONNX Runtime sessions are safe to run
 concurrently and every call keeps its state (cache, random generator) to itself; a seed gives the
 same tokens whatever runs beside it.
+
+The tokenizer is loaded when text first goes in or out (a text prompt, a chat template, stop
+strings, a stream, a constraint, a result's `.text`), once. A Generator given token ids and read
+for token ids (`generate_ids(...)[0].token_ids`) never loads it: its stop ids come from the
+folder's files (config.json, generation_config.json, and the tokenizer's eos token read by
+runtime/eos.py), so a generating process carries no `tokenizers` (issue 11's memory goal).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +40,7 @@ import numpy as np
 from edgellama.errors import ModelFolderError, RuntimeInputError
 from edgellama.runtime import kv_loop
 from edgellama.runtime.call import Call, GenerationResult, Stream
+from edgellama.runtime.eos import Undecided, tokenizer_eos_id
 from edgellama.runtime.options import GenerationOptions, read_generation_config
 from edgellama.runtime.session import OrtModel
 from edgellama.runtime.speculative import make_loop as speculative_loop
@@ -53,26 +61,42 @@ class Generator:
         self.loop_mode = loop or kv_loop.default_mode(self.model)
         kv_loop.check_mode(self.model, self.loop_mode)   # a static-cache folder runs the static loop
         self._tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()
         # Options a call leaves out come from here (see options.py); its eos ids stop generation too.
         self.generation_defaults, eos_ids = read_generation_config(self.model.folder)
         stops = set(self.config.eos_token_ids) | set(eos_ids)
-        tok_eos = getattr(self.tokenizer_or_none, "eos_token_id", None)
-        if isinstance(tok_eos, int):
-            stops.add(tok_eos)
+        stops.update(self._tokenizer_eos())
         self.stop_ids = frozenset(stops)
         pad = self.config.pad_token_id
         self.pad_id = pad if pad is not None else (min(stops) if stops else 0)
 
     # -- tokenizer ------------------------------------------------------------------------------------
+    def _tokenizer_eos(self) -> list[int]:
+        """The tokenizer's eos id (a stop token too), read from the folder's files (runtime/eos.py)
+        unless a tokenizer was given or the files leave it to the tokenizer to say."""
+        if self._tokenizer is None:
+            try:
+                tok_eos = tokenizer_eos_id(self.model.folder)
+                return [] if tok_eos is None else [tok_eos]
+            except Undecided:
+                pass
+        tok_eos = getattr(self.tokenizer_or_none, "eos_token_id", None)
+        return [tok_eos] if isinstance(tok_eos, int) else []
+
     @property
     def tokenizer_or_none(self) -> Any:
+        """The folder's tokenizer, loaded on first need (text in or out: a Generator given token ids
+        and read for token ids never loads it), once, whichever thread asks first; None without one
+        (a folder that cannot give one is asked again next time)."""
         if self._tokenizer is None:
-            from edgellama.tokenizer import Tokenizer
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    from edgellama.tokenizer import Tokenizer
 
-            try:
-                self._tokenizer = Tokenizer.from_folder(self.model.folder)
-            except Exception:  # noqa: BLE001 - a folder without tokenizer files still runs token ids
-                return None
+                    try:
+                        self._tokenizer = Tokenizer.from_folder(self.model.folder)
+                    except Exception:  # noqa: BLE001 - a folder without tokenizer files still runs token ids
+                        return None
         return self._tokenizer
 
     @property

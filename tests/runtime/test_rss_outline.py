@@ -37,12 +37,13 @@ def outcome(check) -> str:
 
 
 def test_a_generating_process_imports_neither_onnx_nor_torch(tmp_path_factory):
+    """Nor the tokenizer: token ids in and out need none (tests/runtime/test_lazy_tokenizer.py)."""
     folder = shared_export(tmp_path_factory, "tiny", target="ort")
     script = ("import json, sys\n"
               "from edgellama.runtime import Generator\n"
               "gen = Generator(sys.argv[1], provider='cpu', threads=1)\n"
               "gen.generate_ids([5, 6, 7], max_new_tokens=3, eos=False)\n"
-              "heavy = ('onnx', 'onnx_ir', 'sympy', 'torch', 'onnxscript')\n"
+              "heavy = ('onnx', 'onnx_ir', 'sympy', 'torch', 'onnxscript', 'tokenizers', 'jinja2')\n"
               "print(json.dumps([m for m in heavy if m in sys.modules]))\n")
     proc = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

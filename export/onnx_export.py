@@ -38,6 +38,7 @@ def _translations() -> dict[Any, Any]:
 
     schemas.register()
     ell = onnxscript.values.Opset(schemas.DOMAIN, schemas.VERSION)
+    std = onnxscript.values.Opset("", MIN_OPSET)   # the exporter re-versions it to the model's opset
 
     def rms_norm(x, weight, eps: float):
         return ell.RMSNorm(x, weight, epsilon=eps)
@@ -52,8 +53,17 @@ def _translations() -> dict[Any, Any]:
         return ell.GroupQueryAttention(q, k, v, past_k, past_v, attention_mask,
                                        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, **extra)
 
+    def silu(x):
+        # x / (1 + exp(-x)) rather than the exporter's x * Sigmoid(x): ONNX Runtime's CPU fuses
+        # Sigmoid * Mul into QuickGelu on MLAS's logistic approximation, measurably less accurate
+        # than torch's silu; Exp and Div are exact to fp32 rounding and fuse into nothing
+        # (tests/export/lower/test_kernel_accuracy.py measures both). Saturates cleanly: exp(-x)
+        # overflowing to inf gives x / inf = -0.
+        return std.Div(x, std.Add(std.Exp(std.Neg(x)), std.CastLike(1.0, x)))
+
     ops = torch.ops.edgellama
-    return {ops.rms_norm.default: rms_norm, ops.rotary.default: rotary, ops.gqa.default: gqa}
+    return {ops.rms_norm.default: rms_norm, ops.rotary.default: rotary, ops.gqa.default: gqa,
+            torch.ops.aten.silu.default: silu}
 
 
 class _Graph(torch.nn.Module):
@@ -144,6 +154,7 @@ def export_weights(weights: Any, *, dtype: str = "fp32", opset: int = 23) -> Any
     folded = _folded_sources(ir_model.graph)
     _optimize(ir_model)
     _name_initializers(ir_model.graph, names=names, folded=folded)
+    _computed_constants_last(ir_model.graph, names=names, folded=folded)
     _name_nodes(ir_model)
     for proto in function_protos(opset):
         fn = ir.serde.deserialize_function(proto)
@@ -317,6 +328,15 @@ def _name_initializers(graph: Any, *, names: dict[str, str], folded: dict[str, s
     for value, name in direct + derived:
         if name and name != value.name and name not in graph.initializers and name not in taken:
             value.name = name
+
+
+def _computed_constants_last(graph: Any, *, names: dict[str, str], folded: dict[str, str]) -> None:
+    """Initializers the trace made up (the SiLU's 1.0) after those that hold the source's weights,
+    so model.onnx.data starts with the weights in the order the optimizer gives them."""
+    weights = set(names.values()) | set(_BUFFERS) | set(folded)
+    for value in [v for v in graph.initializers.values() if v.name not in weights]:
+        graph.initializers.pop(value.name)
+        graph.register_initializer(value)
 
 
 def _name_dims(ir_model: Any) -> None:

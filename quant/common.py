@@ -240,7 +240,7 @@ def constant(output: str, value: np.ndarray, *, name: str) -> ir.Node:
 
 
 def add_initializer(graph: ir.Graph, value: np.ndarray, name: str) -> ir.Value:
-    value = np.ascontiguousarray(value)
+    value = np.asarray(value, order="C")   # ascontiguousarray would make a scalar 1-D
     v = ir.Value(name=name, shape=ir.Shape(value.shape), type=ir.TensorType(ir.DataType.from_numpy(value.dtype)),
                  const_value=ir.tensor(value, name=name))
     graph.register_initializer(v)
@@ -248,7 +248,7 @@ def add_initializer(graph: ir.Graph, value: np.ndarray, name: str) -> ir.Value:
 
 
 def set_array(value: ir.Value, new: np.ndarray) -> None:
-    value.const_value = ir.tensor(np.ascontiguousarray(new), name=value.name)
+    value.const_value = ir.tensor(np.asarray(new, order="C"), name=value.name)
 
 
 class _PartLazyTensor(ir.LazyTensor):
@@ -269,7 +269,7 @@ def lazy(compute: Callable[[], np.ndarray] | None, *, dtype: ir.DataType, shape:
         compute = _assembled(part, want, dtype)
 
     def tensor() -> ir.Tensor:
-        values = np.ascontiguousarray(compute())
+        values = np.asarray(compute(), order="C")
         if values.shape != want or ir.DataType.from_numpy(values.dtype) != dtype:
             raise AssertionError(f"{name}: computed {values.dtype} {values.shape}, promised {dtype} {want}")
         return ir.tensor(values, name=name)

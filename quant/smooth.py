@@ -277,7 +277,7 @@ def _run_segment(model, run, protos, live, last_use, wanted, r, onnx, index) -> 
         [protos["initializers"][name] for name in inits])
     m = onnx.helper.make_model(g, opset_imports=list(base.opset_import), functions=list(base.functions),
                                ir_version=base.ir_version)
-    arrays = {name: np.ascontiguousarray(common.read(model.graph.initializers[name].const_value)) for name in inits}
+    arrays = {name: np.asarray(common.read(model.graph.initializers[name].const_value), order="C") for name in inits}
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # Pre-packing stays on although it copies each MatMul weight once more: without it MLAS takes

@@ -146,3 +146,41 @@ def test_matmul_is_as_accurate_as_torchs_gemm():
     print(f"MatMul: rms error vs fp64 {err:.3e}, torch GEMM {gemm:.3e}, torch one row at a time "
           f"{rms_error(rows, exact):.3e}")
     assert err <= ACCURACY_RATIO * gemm
+
+
+# -- SiLU (the SwiGLU activation) --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def silu_case():
+    """(x, fp64 answer, torch's error): F.silu on gate activations of a Llama MLP's spread."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2048, 1536)) * 4).astype(np.float32)
+    x64 = x.astype(np.float64)
+    exact = x64 / (1.0 + np.exp(-x64))
+    return x, exact, rms_error(torch.nn.functional.silu(torch.from_numpy(x)).numpy(), exact)
+
+
+def silu_graph(kind: str) -> list:
+    if kind == "sigmoid":   # what torch.onnx writes for F.silu; ONNX Runtime fuses it into QuickGelu
+        return [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])]
+    one = helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]))
+    return [one, helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Exp", ["n"], ["e"]),
+            helper.make_node("Add", ["e", "one"], ["d"]), helper.make_node("Div", ["x", "d"], ["y"])]
+
+
+def test_the_silu_we_export_is_as_accurate_as_torch(silu_case):
+    """What export/onnx_export.py translates F.silu to: x / (1 + exp(-x))."""
+    x, exact, torch_err = silu_case
+    y = session(silu_graph("exact"), ["x"], ["y"]).run(["y"], {"x": x})[0]
+    err = rms_error(y, exact)
+    print(f"SiLU as x / (1 + exp(-x)): rms error vs fp64 {err:.3e}, torch {torch_err:.3e}")
+    assert err <= ACCURACY_RATIO * torch_err
+    assert np.isfinite(y).all()
+
+
+def test_sigmoid_times_x_is_why_the_export_does_not_write_it(silu_case):
+    """If ONNX Runtime's fused Sigmoid * Mul becomes as accurate as torch this fails: then the
+    exporter's own x * Sigmoid(x) (one fused kernel, not four) can come back."""
+    x, exact, torch_err = silu_case
+    err = rms_error(session(silu_graph("sigmoid"), ["x"], ["y"]).run(["y"], {"x": x})[0], exact)
+    print(f"SiLU as x * Sigmoid(x): rms error vs fp64 {err:.3e}, torch {torch_err:.3e}")
+    assert err > torch_err

@@ -30,7 +30,9 @@ def test_op_counts_and_graph_contract(portable_fp32):
     # fp32 on the CPU: no norm takes the Skip kernel (ort_norm.py says why); every residual Add stays.
     assert counts[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 0
     assert counts[("", "SimplifiedLayerNormalization")] == 2 * LAYERS + 1
-    assert counts[("", "Add")] == 2 * LAYERS
+    # Every residual Add stays, beside the one Add of each SiLU (x / (1 + exp(-x)), one Exp each).
+    assert counts[("", "Exp")] == LAYERS and counts[("", "Sigmoid")] == 0
+    assert counts[("", "Add")] == 2 * LAYERS + LAYERS
     assert {(r.rewrite, "serially in fp32" in r.reason) for r in refusals} == {("skip_simplified_layer_norm", True)}
     assert len(refusals) == 2 * LAYERS + 1
     assert len(after.functions) == 0
@@ -48,7 +50,7 @@ def test_fp16_fuses_every_residual_norm():
     counts = ops(lowered)
     assert counts[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * LAYERS
     assert counts[("", "SimplifiedLayerNormalization")] == 1
-    assert counts[("", "Add")] == 0   # every residual Add went into a Skip norm
+    assert counts[("", "Add")] == counts[("", "Exp")] == LAYERS   # each residual Add went into a Skip norm; the SiLUs' stay
     assert [(r.node, r.rewrite) for r in refusals] == [
         ("model.layers.0.input_layernorm/RMSNorm", "skip_simplified_layer_norm")]
     assert "not produced by an Add" in refusals[0].reason

@@ -15,12 +15,23 @@ Folders under --out, built when missing and reused after (check/bench.our_folder
 bench/speed.py builds them): ours `ort` with its default (static) KV cache, as `edgellama export
 smollm2 --target ort` and `edgellama quantize` write them; genai's builder output of the same checkpoint.
 
-Measured (2026-12-03, 2 shared cores, onnxruntime 1.31.1, onnxruntime-genai 0.18.0), peak MB, ours /
-genai: Generator fp32 715 / 836, int8 336 / 383, int4 287 / 258; loop 699 / 836, 301 / 383, 255 /
-258. Before the runtime read model.onnx as an outline (no onnx / onnx_ir import) and the tied int8
-table stopped being folded into a copy: Generator 766, 385, 339; loop 750, 368, 322. What is left
-of the Generator's int4 gap is its tokenizer (tokenizers' BPE of smollm2: ~42 MB, loaded in
-Generator.__init__; genai's own tokenizer, when a genai program loads one, ~20 MB).
+--lm-head-bits 4 quantizes our int4 folder with a 4-bit lm_head (folder -lm4), as genai's builder
+writes its int4 (MatMulNBits bits=4, its embedding a GatherBlockQuantized of the same bytes); our
+default keeps the lm_head at 8 bits, a table of 27 MB instead of 14.
+
+Measured (2026-12-03 06:26-06:34, 2 shared cores, onnxruntime 1.31.1, onnxruntime-genai 0.18.0), peak
+MB, ours / genai: Generator fp32 687 / 810, int8 289 / 290, int4 243 / 235, int4 --lm-head-bits 4
+216 / 235; loop int4 242. The Generator now loads no tokenizer for token ids in and out
+(runtime/eos.py): on the same folders minutes apart, the tokenizer loaded in Generator.__init__ as
+before peaks at 275 at int4. What is left of the int4 gap at the default lm_head is mapped-file
+memory: the int8 tied table read in place (27 MB resident) and the MatMulNBits scales and zero
+points that stay mapped after ONNX Runtime prepacked them (~15 MB); heap (anon) is below genai's at
+every precision (556 / 669, 205 / 209, 157 / 170).
+
+RssFile depends on the page cache (how a file's pages sit there when a process maps them), not only
+on the process: the same folders measured at 02:46 gave genai 836, 383, 258 and ours 715, 336, 287
+(Generator, tokenizer loaded), genai's differences all in `file` (its RssAnon matched to the MB). Compare
+sides of one run, never figures of different runs.
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8),
+                    help="int4's lm_head bits (default: quantize's, 8); 4 as genai's builder writes it (folder -lm4)")
     ap.add_argument("--json", type=Path, default=None, help="also write every profile here")
     args = ap.parse_args()
 
@@ -51,7 +64,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for precision in args.precisions.split(","):
-        ours = bench.our_folder(args.source, out, precision=precision, say=_say)
+        head = 4 if precision == "int4" and args.lm_head_bits == 4 else None
+        ours = bench.our_folder(args.source, out, precision=precision, lm_head_bits=head, say=_say)
         prompt = bench.bench_prompt(model_folder.read_manifest(ours).config["vocab_size"], args.prompt_tokens)
         sides = [(f"edgellama {args.runner}", args.runner, ours)]
         if not args.no_genai:
@@ -66,6 +80,7 @@ def main() -> None:
             peak = phases[-1][1]["hwm"]
             print(f"{name:<22} {precision:<5} peak {peak:6.0f}   {cells}", flush=True)
             records.append({"side": name, "precision": precision, "folder": str(folder), "peak_mb": peak,
+                            "lm_head_bits": head if folder == ours else None,
                             "phases": dict(phases), "prompt_tokens": args.prompt_tokens,
                             "new_tokens": args.new_tokens, "threads": args.threads})
     if args.json:

@@ -41,9 +41,13 @@ def apply_request(model: Any, request: Request, *, target: str, progress: Progre
     """`quantize_model` for a request already checked (`check_request`, run before any loading)."""
     from edgellama.quant.common import count_ops
 
+    from edgellama.quant import fast_silu
+
     before = count_ops(model)
     with progress.step(f"quantize ({request.quant_pass.name})"):
+        silus = fast_silu.apply(model)
         entry = request.quant_pass.apply(model, target=target, settings=request.settings)
+    entry["fast_silu"] = silus
     entry["ops_before"], entry["ops_after"] = before, count_ops(model)
     if request.settings.exclude:
         entry["exclude"] = list(request.settings.exclude)

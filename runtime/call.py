@@ -305,7 +305,7 @@ class Call:
             return full[:hit[0]] if hit else self.texts[i].text[:self.texts[i].cut]
         ids = new[:-1] if isinstance(reason, int) else list(new)
         if self.texts is None:
-            return functools.partial(self.gen.decode, ids)
+            return functools.partial(self.gen.decoder(), ids)
         return self.gen.decode(ids)
 
     def results(self) -> list[GenerationResult]:

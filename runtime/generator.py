@@ -60,8 +60,7 @@ class Generator:
         self.config = self.model.config
         self.loop_mode = loop or kv_loop.default_mode(self.model)
         kv_loop.check_mode(self.model, self.loop_mode)   # a static-cache folder runs the static loop
-        self._tokenizer = tokenizer
-        self._tokenizer_lock = threading.Lock()
+        self._tokenizer = _LazyTokenizer(self.model.folder, tokenizer)
         # Options a call leaves out come from here (see options.py); its eos ids stop generation too.
         self.generation_defaults, eos_ids = read_generation_config(self.model.folder)
         stops = set(self.config.eos_token_ids) | set(eos_ids)
@@ -74,7 +73,7 @@ class Generator:
     def _tokenizer_eos(self) -> list[int]:
         """The tokenizer's eos id (a stop token too), read from the folder's files (runtime/eos.py)
         unless a tokenizer was given or the files leave it to the tokenizer to say."""
-        if self._tokenizer is None:
+        if self._tokenizer.value is None:
             try:
                 tok_eos = tokenizer_eos_id(self.model.folder)
                 return [] if tok_eos is None else [tok_eos]
@@ -88,16 +87,7 @@ class Generator:
         """The folder's tokenizer, loaded on first need (text in or out: a Generator given token ids
         and read for token ids never loads it), once, whichever thread asks first; None without one
         (a folder that cannot give one is asked again next time)."""
-        if self._tokenizer is None:
-            with self._tokenizer_lock:
-                if self._tokenizer is None:
-                    from edgellama.tokenizer import Tokenizer
-
-                    try:
-                        self._tokenizer = Tokenizer.from_folder(self.model.folder)
-                    except Exception:  # noqa: BLE001 - a folder without tokenizer files still runs token ids
-                        return None
-        return self._tokenizer
+        return self._tokenizer.get()
 
     @property
     def tokenizer(self) -> Any:
@@ -118,10 +108,12 @@ class Generator:
         return list(tok.encode(prompt))
 
     def decode(self, ids: Sequence[int]) -> str:
-        tok = self.tokenizer_or_none
-        if tok is None:
-            return ""
-        return tok.decode([int(i) for i in ids])
+        return self._tokenizer.decode(ids)
+
+    def decoder(self) -> Callable[[Sequence[int]], str]:
+        """`decode` as a function that holds the tokenizer (loaded or not), not this Generator: a
+        result decoded when it is read keeps no session alive."""
+        return self._tokenizer.decode
 
     def int_decoder(self) -> Callable[[list[int]], str]:
         """`decode` for lists of Python ints, as a text stream keeps them: the tokenizer's own decode,
@@ -203,6 +195,33 @@ class Generator:
         return build_constraint(tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
                                 eos_ids=sorted(self.stop_ids), json_schema=options.json_schema,
                                 regex=options.regex, grammar=options.grammar)
+
+
+class _LazyTokenizer:
+    """A Generator's tokenizer: the one it was given, else the folder's, loaded on first `get`, once
+    (a lock: the first of several threads loads it, the others wait for it); None while the folder
+    gives none. Kept apart from the Generator so that a deferred text holds it and not the session."""
+
+    def __init__(self, folder: Path, tokenizer: Any = None):
+        self.folder, self.value, self._lock = folder, tokenizer, threading.Lock()
+
+    def get(self) -> Any:
+        if self.value is None:
+            with self._lock:
+                if self.value is None:
+                    from edgellama.tokenizer import Tokenizer
+
+                    try:
+                        self.value = Tokenizer.from_folder(self.folder)
+                    except Exception:  # noqa: BLE001 - a folder without tokenizer files still runs token ids
+                        return None
+        return self.value
+
+    def decode(self, ids: Sequence[int]) -> str:
+        tok = self.get()
+        if tok is None:
+            return ""
+        return tok.decode([int(i) for i in ids])
 
 
 def _no_text(ids: Sequence[int]) -> str:

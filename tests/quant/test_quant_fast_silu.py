@@ -74,3 +74,4 @@ def test_every_mode_writes_sigmoid_and_computes_the_same(mode, tmp_path):
     quantized = portable_copy(model, key="fast-silu")
     entry = quantize_model(quantized, mode=mode, target="portable")
     assert entry["fast_silu"] == layers and entry["ops_after"].get(":Exp", 0) == 0
+

@@ -23,7 +23,7 @@ import pytest
 
 from edgellama import folder as model_folder
 from edgellama.cli.main import main
-from tests.conftest import build_toy
+from tests.conftest import build_toy, shared_trace
 
 
 # -- shared folders (one of each per module) -----------------------------------------------------------
@@ -278,7 +278,8 @@ def test_disk_full_is_one_line_and_keeps_the_older_folder(command, shared, tmp_p
     argv = (["export", "tiny", "-o", str(out), "--force", "--quiet"] if command == "export" else
             ["quantize", str(shared["tiny"]), "-o", str(out), "--force", *Q])
     capsys.readouterr()
-    rc = main(argv)
+    with shared_trace("tiny"):     # the session's tiny trace: what fails here is the write
+        rc = main(argv)
     line = one_line(capsys.readouterr().err)
     assert rc == 2 and "No space left on device" in line
     assert snapshot(shared["root"], tmp_path) == before     # older folder intact, staged folder removed
@@ -286,7 +287,8 @@ def test_disk_full_is_one_line_and_keeps_the_older_folder(command, shared, tmp_p
 
 def test_export_quant_creates_missing_parents(tmp_path, capsys):
     out = tmp_path / "a" / "b" / "out"
-    assert main(["export", "tiny", "-o", str(out), "--quant", "int8", "--quiet"]) == 0
+    with shared_trace("tiny"):     # the session's tiny trace: what is checked is the output path
+        assert main(["export", "tiny", "-o", str(out), "--quant", "int8", "--quiet"]) == 0
     assert model_folder.verify_folder(out).quant_pass == "int8"
 
 

@@ -10,17 +10,22 @@ from edgellama import folder as model_folder
 from edgellama.export import onnx_export
 from edgellama.export.config import tiny
 from edgellama.export.model import Llama
-from tests.conftest import random_llama
+from tests.conftest import portable_copy, random_llama
 
 
 def _ops(ir_model):
     return collections.Counter((n.domain, n.op_type) for n in ir_model.graph)
 
 
+LAYERS = 3
+
+
 @pytest.fixture(scope="module")
 def tiny_ir():
-    torch.manual_seed(0)
-    return onnx_export.export_onnx(Llama(tiny(num_hidden_layers=3)).eval())
+    """The portable graph of a 3-layer tiny Llama: what these tests read is its structure (nodes, names,
+    I/O), not its weights, so it is the session's trace of random_llama(layers=3), which
+    tests/export/lower reads too (conftest.portable_copy: one trace, ~3 CPU s, for both)."""
+    return portable_copy(random_llama(layers=LAYERS), key=f"random_llama-{LAYERS}")
 
 
 def test_one_node_per_block(tiny_ir):
@@ -49,10 +54,12 @@ def test_initializers_carry_state_dict_names(tied):
     import numpy as np
     import onnx_ir as ir
 
-    model = random_llama(0, layers=2, tie_word_embeddings=tied)
+    model = random_llama(0, layers=LAYERS, tie_word_embeddings=tied)
     weights = {name: t.detach().numpy() for name, t in model.named_parameters()}
     weights.update({name: t.numpy() for name, t in model.named_buffers()})
-    portable = onnx_export.export_onnx(model)
+    # untied: the session's trace of random_llama(layers=3) (the same weights: seed 0), not a second one
+    portable = (onnx_export.export_onnx(model) if tied else
+                portable_copy(model, key=f"random_llama-{LAYERS}"))
     for target in ("portable", "ort", "onnx23"):
         ir_model = onnx_export.lower(ir.from_proto(ir.to_proto(portable)), target=target)
         inits = {name: v.const_value.numpy() for name, v in ir_model.graph.initializers.items()}

@@ -22,7 +22,8 @@ from edgellama.export import onnx_export  # noqa: E402
 from edgellama.export.config import LlamaConfig  # noqa: E402
 from edgellama.export.model import greedy_generate  # noqa: E402
 from tests.conftest import (OrtLoop, diff_vs_transformers, hf_greedy, hf_reference, left_padded_batch,  # noqa: E402
-                            ort_greedy, ort_session, portable_copy, seeded_llama, teacher_forced)
+                            ort_greedy, ort_session, portable_copy, seeded_llama, shared_portable,
+                            teacher_forced)
 
 TOL = 1e-4
 DECODE_STEPS = 16
@@ -203,7 +204,7 @@ def test_window_lowered_per_target():
                for n in ort.graph if n.op_type == "GroupQueryAttention")
     onnx23 = onnx_export.lower(family_portable("mistral-window5"), target="onnx23")
     assert any(n.name.startswith("onnx23/attention_bias_window5/") for n in onnx23.graph)
-    llama = onnx_export.export_onnx(seeded_llama(presets.tiny(), seed=7))
+    llama = shared_portable("tiny")        # the session's trace of the built-in tiny (presets.tiny())
     assert all("sliding_window" not in n.attributes for n in llama.graph)   # a Llama graph is unchanged
 
 

@@ -20,6 +20,33 @@ def shared_tiny(tmp_path_factory, target: str = "portable") -> Path:
     return shared_export(tmp_path_factory, "tiny", target=target, kv_cache="dynamic")
 
 
+_TIED: dict[str, Path] = {}
+
+
+def tied_tiny_folder(tmp_path_factory) -> Path:
+    """An fp32 folder of tiny with a tied embedding (torch seed 0, torch's default init: the embedding
+    and lm_head one tensor), written once per session: test_quant_int8's tied test and
+    test_rss_tied_table read the same one instead of tracing and writing it each (~3 CPU s a trace)."""
+    if "tied" not in _TIED:
+        import torch
+
+        from edgellama import folder
+        from edgellama.contract import describe_io
+        from edgellama.export import config
+        from edgellama.export.model import Llama
+        from edgellama.export.onnx_export import export_onnx
+
+        torch.manual_seed(0)
+        model = Llama(config.tiny(tie_word_embeddings=True))
+        src = tmp_path_factory.mktemp("tied") / "fp32"
+        ir_model = export_onnx(model)
+        with folder.staged_folder(src, force=False) as tmp:
+            folder.save_model(ir_model, tmp)
+            folder.write_manifest(tmp, folder.Manifest(config=model.config.to_dict(), io=describe_io(ir_model)))
+        _TIED["tied"] = src
+    return _TIED["tied"]
+
+
 def quantized_pair(tmp_path_factory, target: str, mode: str) -> tuple[Path, Path]:
     """(the shared tiny fp32 export of `target`, its quantization by `mode`)."""
     fp32 = shared_tiny(tmp_path_factory, target)

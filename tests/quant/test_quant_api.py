@@ -11,7 +11,7 @@ from edgellama.cli.main import main
 from edgellama.errors import QuantError
 from edgellama import folder
 from edgellama.quant.api import MODES, check_request, quantize_folder
-from tests.conftest import shared_export
+from tests.conftest import shared_export, shared_trace
 from tests.quant.conftest import shared_tiny
 
 
@@ -161,7 +161,8 @@ def test_export_quant_in_memory_matches_quantize_folder(tiny, tiny_int8, tmp_pat
     # `export --quant` quantizes the in-memory model and writes one folder: the same bytes as
     # export followed by quantize, recorded the same way (no fp32 folder to point at).
     out = tmp_path / "q"
-    assert main(["export", "tiny", "-o", str(out), "--quant", "int8", "--quiet"]) == 0
+    with shared_trace("tiny"):     # tiny's trace, as the fp32 folder `tiny` was exported from
+        assert main(["export", "tiny", "-o", str(out), "--quant", "int8", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     manifest, expected = folder.verify_folder(out), folder.read_manifest(tiny_int8)

@@ -81,21 +81,10 @@ def test_untied_embedding_gets_own_table(pair):
     assert folder.read_manifest(pair[1]).quantization[0]["embedding"] == "int8"
 
 
-def test_tied_embedding_shared(tmp_path):
-    import torch
+def test_tied_embedding_shared(tmp_path_factory, tmp_path):
+    from tests.quant.conftest import tied_tiny_folder
 
-    from edgellama.export import config
-    from edgellama.export.model import Llama
-    from edgellama.contract import describe_io
-    from edgellama.export.onnx_export import export_onnx
-
-    torch.manual_seed(0)
-    model = Llama(config.tiny(tie_word_embeddings=True))
-    ir_model = export_onnx(model)
-    src = tmp_path / "fp32"
-    with folder.staged_folder(src, force=False) as tmp:
-        folder.save_model(ir_model, tmp)
-        folder.write_manifest(tmp, folder.Manifest(config=model.config.to_dict(), io=describe_io(ir_model)))
+    src = tied_tiny_folder(tmp_path_factory)   # Llama(tiny(tie_word_embeddings=True)), torch seed 0, fp32
     out = quantize_folder(src, tmp_path / "q", mode="int8")
     entry = folder.read_manifest(out).quantization[0]
     assert entry["embedding"].startswith("shared with lm_head")

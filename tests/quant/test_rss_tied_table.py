@@ -23,21 +23,11 @@ MODES = {"int8": {"mode": "int8"}, "int4": {"mode": "int4"}, "int4-lm4": {"mode"
 
 @pytest.fixture(scope="module")
 def tied_fp32(tmp_path_factory):
-    import torch
+    """tiny with a tied embedding (torch seed 0), fp32: the session's folder (tests/quant/conftest.py),
+    which the tests here only read."""
+    from tests.quant.conftest import tied_tiny_folder
 
-    from edgellama.contract import describe_io
-    from edgellama.export import config
-    from edgellama.export.model import Llama
-    from edgellama.export.onnx_export import export_onnx
-
-    torch.manual_seed(0)
-    model = Llama(config.tiny(tie_word_embeddings=True))
-    src = tmp_path_factory.mktemp("tied") / "fp32"
-    ir_model = export_onnx(model)
-    with folder.staged_folder(src, force=False) as tmp:
-        folder.save_model(ir_model, tmp)
-        folder.write_manifest(tmp, folder.Manifest(config=model.config.to_dict(), io=describe_io(ir_model)))
-    return src
+    return tied_tiny_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=list(MODES))

@@ -56,9 +56,9 @@ def portable_fp16():
 @pytest.fixture(scope="package")
 def portable_fp32():
     model = random_llama(layers=LAYERS)
-    proto = ir.serde.serialize_model(E.export_onnx(model, opset=23))
-    # Lowering edits in place: every test gets its own copy of the exported model.
-    return model, lambda: ir.serde.deserialize_model(proto)
+    # Lowering edits in place: every test gets its own copy of the exported model. Traced once in the
+    # session (portable_copy): tests/export/test_export.py reads the same trace.
+    return model, lambda: portable_copy(model, key=f"random_llama-{LAYERS}")
 
 
 @pytest.fixture(scope="package")

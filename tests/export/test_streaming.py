@@ -46,6 +46,18 @@ def hf_bf16(tmp_path_factory):
     return folder
 
 
+def _export(source, out, **options):
+    """export_model(source, out) on the session's opening and trace of `source` (tests/conftest.py
+    shared_trace: one trace per source and dtype, ~3 CPU s each, instead of one per export). For the
+    tests whose claim is the folder written from the source (each weight still read from the
+    checkpoint as the folder is written), not the trace; the tests that change a source under a
+    running export open and trace their own copy."""
+    from tests.conftest import shared_trace
+
+    with shared_trace(str(source)):
+        return export_model(str(source), out, **options)
+
+
 def _initializers(out) -> dict[str, np.ndarray]:
     proto = onnx.load(out / model_folder.MODEL, load_external_data=False)
     load_external_data_for_model(proto, str(out))
@@ -60,7 +72,7 @@ def _tree(path) -> dict[str, str]:
 def test_written_weights_are_the_source_converted(hf_bf16, tmp_path, target, dtype):
     """Every source weight lands in model.onnx.data under its own name, converted from bf16 as torch
     converts it (or transposed, as MatMul reads it), and the manifest's hash is the file's."""
-    out = export_model(str(hf_bf16), tmp_path / "out", target=target, dtype=dtype)
+    out = _export(hf_bf16, tmp_path / "out", target=target, dtype=dtype)
     weights, _, _ = sources.open_source(hf_bf16)
     inits = _initializers(out)
     want = onnx_export.DTYPES[dtype]
@@ -109,8 +121,8 @@ def test_the_folder_carries_the_source_configs_and_is_readable_by_others(hf_bf16
     (hf_bf16 / "generation_config.json").write_text('{"do_sample": false, "eos_token_id": 1, "max_length": 77}\n')
     old = os.umask(0o022)
     try:
-        out = export_model(str(hf_bf16), tmp_path / "out")
-        tiny = export_model("tiny", tmp_path / "tiny")
+        out = _export(hf_bf16, tmp_path / "out")
+        tiny = _export("tiny", tmp_path / "tiny")
     finally:
         os.umask(old)
     for name in ("config.json", "generation_config.json"):
@@ -134,7 +146,7 @@ def test_a_source_without_a_tokenizer_warns(hf_bf16, tmp_path):
     assert not (out / "tokenizer.json").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoTokenizerWarning)
-        export_model(str(hf_bf16), tmp_path / "with", force=True)
+        _export(hf_bf16, tmp_path / "with", force=True)
 
 
 class _AtWrite(Progress):

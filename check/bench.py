@@ -261,7 +261,8 @@ def our_folder(source: str, out: Path, *, precision: str, target: str = "ort", k
     from edgellama.export.onnx_export import export_model
     from edgellama.quant.api import quantize_folder
 
-    stem = f"{source}-{target}" + (f"-{kv_cache}" if kv_cache else "")
+    # A source given as a path is named by its last part: the folders stay under `out`.
+    stem = f"{Path(source).name}-{target}" + (f"-{kv_cache}" if kv_cache else "")
     fp32 = out / f"{stem}-fp32"
     if not (fp32 / "edgellama.json").is_file():
         say(f"exporting {source} ({target}{f', {kv_cache} KV cache' if kv_cache else ''})")
@@ -280,11 +281,11 @@ def genai_folder(source: str, out: Path, *, precision: str, say: Callable[[str],
     written once), cached in `out`."""
     from edgellama.export.sources import save_hf_folder
 
-    hf = out / f"{source}-hf"
+    hf = out / f"{Path(source).name}-hf"
     if not (hf / "config.json").is_file():
         say("writing the Hugging Face folder for onnxruntime-genai's builder")
         save_hf_folder(source, hf)
-    return build_genai_model(hf, out / f"genai-{source}-{precision}", precision=precision)
+    return build_genai_model(hf, out / f"genai-{Path(source).name}-{precision}", precision=precision)
 
 
 def build_genai_model(hf_folder: Path, out: Path, *, precision: str, provider: str = "cpu") -> Path:

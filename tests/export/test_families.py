@@ -22,7 +22,7 @@ from edgellama.export import onnx_export  # noqa: E402
 from edgellama.export.config import LlamaConfig  # noqa: E402
 from edgellama.export.model import greedy_generate  # noqa: E402
 from tests.conftest import (OrtLoop, diff_vs_transformers, hf_greedy, hf_reference, left_padded_batch,  # noqa: E402
-                            ort_greedy, ort_session, portable_copy, seeded_llama, shared_portable,
+                            ort_greedy, ort_session, seeded_llama, shared_portable, shared_trace,
                             teacher_forced)
 
 TOL = 1e-4
@@ -42,9 +42,13 @@ def family_model(name: str):
     return seeded_llama(presets.tiny(**FAMILIES[name]), seed=7)
 
 
-def family_portable(name: str):
-    """A fresh copy of the family's portable ONNX model, traced once per family in the session."""
-    return portable_copy(family_model(name), key=f"families-{name}")
+def family_portable(tmp_path_factory, name: str):
+    """A fresh copy of the family's portable ONNX model, traced once per family in the session: the
+    trace of its HF folder (family_hf_folder: family_model(name)'s weights, fp32), which
+    family_ort_folder's export lowers too (conftest.shared_portable / shared_trace), instead of a
+    second trace of the same graph from the in-memory model. Its weights are read from that folder
+    when a test writes the model."""
+    return shared_portable(str(family_hf_folder(tmp_path_factory, name)))
 
 
 @functools.cache
@@ -182,9 +186,10 @@ def test_each_switch_matters(name, switch):
 # -- the ONNX export on every target ----------------------------------------------------------------------
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_export_parity(name, target, tmp_path):
+def test_export_parity(name, target, tmp_path_factory, tmp_path):
     ours = family_model(name)
-    loop = OrtLoop(ort_session(onnx_export.lower(family_portable(name), target=target), tmp_path / target), ours.config)
+    loop = OrtLoop(ort_session(onnx_export.lower(family_portable(tmp_path_factory, name), target=target),
+                               tmp_path / target), ours.config)
     ids, mask = left_padded_batch(ours.config.vocab_size, (12, 8), seed=1)
     diff = teacher_forced(ours, loop, ids, mask, steps=DECODE_STEPS)
     print(f"{name} {target}: prefill + {DECODE_STEPS} decode, max abs logits diff vs torch {diff:.2e}")
@@ -193,16 +198,16 @@ def test_export_parity(name, target, tmp_path):
     assert (ort_greedy(loop, ids, mask, GREEDY) == theirs.numpy()).all()
 
 
-def test_window_lowered_per_target():
+def test_window_lowered_per_target(tmp_path_factory):
     """ort: GroupQueryAttention's local_window_size; onnx23: Attention-23 has no window attribute, so
     the window goes into its explicit mask; the portable node carries `sliding_window`."""
-    portable = family_portable("mistral-window5")
+    portable = family_portable(tmp_path_factory, "mistral-window5")
     gqa = [n for n in portable.graph if n.op_type == "GroupQueryAttention"]
     assert gqa and all(n.attributes["sliding_window"].as_int() == 5 for n in gqa)
-    ort = onnx_export.lower(family_portable("mistral-window5"), target="ort")
+    ort = onnx_export.lower(family_portable(tmp_path_factory, "mistral-window5"), target="ort")
     assert all(n.attributes["local_window_size"].as_int() == 5
                for n in ort.graph if n.op_type == "GroupQueryAttention")
-    onnx23 = onnx_export.lower(family_portable("mistral-window5"), target="onnx23")
+    onnx23 = onnx_export.lower(family_portable(tmp_path_factory, "mistral-window5"), target="onnx23")
     assert any(n.name.startswith("onnx23/attention_bias_window5/") for n in onnx23.graph)
     llama = shared_portable("tiny")        # the session's trace of the built-in tiny (presets.tiny())
     assert all("sliding_window" not in n.attributes for n in llama.graph)   # a Llama graph is unchanged
@@ -226,17 +231,26 @@ def family_folder(name: str, out) -> "Path":
     return folder
 
 
+_HF_FOLDERS: dict[str, "Path"] = {}
 _ORT_FOLDERS: dict[str, "Path"] = {}
+
+
+def family_hf_folder(tmp_path_factory, name: str) -> "Path":
+    """The family's HF checkpoint folder (family_folder), written once per session; read only."""
+    if name not in _HF_FOLDERS:
+        _HF_FOLDERS[name] = family_folder(name, tmp_path_factory.mktemp(name) / "hf")
+    return _HF_FOLDERS[name]
 
 
 def family_ort_folder(tmp_path_factory, name: str) -> "Path":
     """The family's ort export (default KV cache contract) of its HF folder, once per session: the
     tests here and test_families_toolkit's quality scores only read it (and its HF folder, parity's
-    torch reference)."""
+    torch reference). Exported from the session's trace of that folder (the one family_portable
+    clones): export_model as the user runs it, the trace not repeated."""
     if name not in _ORT_FOLDERS:
-        base = tmp_path_factory.mktemp(name)
-        _ORT_FOLDERS[name] = onnx_export.export_model(str(family_folder(name, base / "hf")), base / "ort",
-                                                      target="ort")
+        hf = family_hf_folder(tmp_path_factory, name)
+        with shared_trace(str(hf)):
+            _ORT_FOLDERS[name] = onnx_export.export_model(str(hf), hf.parent / "ort", target="ort")
     return _ORT_FOLDERS[name]
 
 

@@ -9,7 +9,13 @@ import pytest
 from edgellama.quant import fast_silu
 from edgellama.quant.api import quantize_model
 from edgellama.quant.common import count_ops
-from tests.conftest import ort_session, portable_copy, random_llama
+from tests.conftest import OrtLoop, ort_session, portable_copy, random_llama
+
+
+def _prefill_logits(ir_model, config, path):
+    loop = OrtLoop(ort_session(ir_model, path), config)
+    ids = np.arange(1, 9, dtype=np.int64)[None]
+    return loop.step(ids, np.ones_like(ids), loop.empty(1))[0]
 
 
 def _silu_graph(*, negate: str = "x", one: float = 1.0, extra_reader: bool = False) -> ir.Model:
@@ -63,13 +69,8 @@ def test_every_mode_writes_sigmoid_and_computes_the_same(mode, tmp_path):
     assert fast_silu.apply(fast) == layers
     counts = count_ops(fast)
     assert counts[":Sigmoid"] == layers and ":Exp" not in counts and ":Div" not in counts
-    ids = np.arange(1, 9, dtype=np.int64)[None]
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(8)[None]}
-    for i in range(layers):
-        shape = (1, model.config.num_key_value_heads, 0, model.config.head_dim)
-        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = np.zeros(shape, np.float32)
-    a = ort_session(exported, tmp_path / "exact").run(["logits"], feed)[0]
-    b = ort_session(fast, tmp_path / "fast").run(["logits"], feed)[0]
+    a = _prefill_logits(exported, model.config, tmp_path / "exact")
+    b = _prefill_logits(fast, model.config, tmp_path / "fast")
     assert np.abs(a - b).max() <= 1e-4
     quantized = portable_copy(model, key="fast-silu")
     entry = quantize_model(quantized, mode=mode, target="portable")

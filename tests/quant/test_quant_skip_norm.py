@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from edgellama.quant.common import count_ops
-from tests.conftest import ort_session, portable_copy, random_llama
+from tests.conftest import OrtLoop, ort_session, portable_copy, random_llama
+
+
+def _prefill_logits(ir_model, config, path):
+    loop = OrtLoop(ort_session(ir_model, path), config)
+    ids = np.arange(1, 9, dtype=np.int64)[None]
+    return loop.step(ids, np.ones_like(ids), loop.empty(1))[0]
 
 
 def test_an_ort_graph_gets_its_skip_norms_back_and_computes_the_same(tmp_path):
@@ -25,13 +31,8 @@ def test_an_ort_graph_gets_its_skip_norms_back_and_computes_the_same(tmp_path):
     assert after["com.microsoft:SkipSimplifiedLayerNormalization"] == 2 * layers
     assert after[":SimplifiedLayerNormalization"] == 1
     assert after[":Add"] == before[":Add"] - 2 * layers
-    ids = np.arange(1, 9, dtype=np.int64)[None]
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(8)[None]}
-    for i in range(layers):
-        shape = (1, model.config.num_key_value_heads, 0, model.config.head_dim)
-        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = np.zeros(shape, np.float32)
-    a = ort_session(lowered, tmp_path / "plain").run(["logits"], feed)[0]
-    b = ort_session(fused, tmp_path / "fused").run(["logits"], feed)[0]
+    a = _prefill_logits(lowered, model.config, tmp_path / "plain")
+    b = _prefill_logits(fused, model.config, tmp_path / "fused")
     assert np.abs(a - b).max() <= 1e-4
     portable = portable_copy(model, key="skip-norm")
     assert skip_norm.apply(portable, target="portable") == 0 and count_ops(portable) == count_ops(

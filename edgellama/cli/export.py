@@ -53,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     import time
     import warnings
 
-    from edgellama.export.onnx_export import NoTokenizerWarning, export_model
     from edgellama.progress import Progress
 
     start = time.perf_counter()
@@ -76,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
             entry = apply_request(model, request, target=manifest.target, progress=progress)
             # No fp32 folder was written: nothing on disk to point at or hash.
             return quantized_manifest(manifest, model, entry, quantized_from={"path": None, "model_sha256": None})
+
+    # Imported after the flag checks: it imports torch (seconds), which a refused flag never needs.
+    from edgellama.export.onnx_export import NoTokenizerWarning, export_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NoTokenizerWarning)

@@ -13,7 +13,7 @@ import torch
 from edgellama.export import onnx_export
 from edgellama.export.model import greedy_generate, positions_from_mask
 from tests.conftest import (OrtLoop, left_padded_batch, ort_greedy, ort_session, portable_copy, random_llama,
-                            smollm2_model, teacher_forced)
+                            shared_portable, smollm2_model, teacher_forced)
 
 TOL = 1e-4
 TARGETS = ["portable", "ort", "onnx23"]
@@ -69,12 +69,10 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def smollm2_portable(smollm2):
-    """The portable trace of smollm2, once for the three targets (each lowers its own copy)."""
-    import onnx_ir as ir
-
-    proto = ir.serde.serialize_model(onnx_export.export_onnx(smollm2[0]))
-    return lambda: ir.serde.deserialize_model(proto)
+def smollm2_portable():
+    """The portable trace of smollm2 (the session's one, weights read from the same GGUF the torch
+    side loads), a clone per target: each lowers its own."""
+    return lambda: shared_portable("smollm2")
 
 
 @pytest.fixture(scope="module")

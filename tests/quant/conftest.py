@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellama.folder import TARGETS  # noqa: F401  (the tests parametrize over it)
-from tests.conftest import shared_export
+from tests.conftest import OrtLoop, ort_session, shared_export
 
 
 def shared_tiny(tmp_path_factory, target: str = "portable") -> Path:
@@ -132,3 +132,10 @@ def kernel_matmul(packed, a: np.ndarray) -> np.ndarray:
                               ir_version=10)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"A": a})[0]
+
+
+def prefill_logits(ir_model, config, path: Path) -> np.ndarray:
+    """The logits of one 8-token prefill of an in-memory model (saved under `path`) on ONNX Runtime's CPU."""
+    loop = OrtLoop(ort_session(ir_model, path), config)
+    ids = np.arange(1, 9, dtype=np.int64)[None]
+    return loop.step(ids, np.ones_like(ids), loop.empty(1))[0]

@@ -9,13 +9,8 @@ import pytest
 from edgellama.quant import fast_silu
 from edgellama.quant.api import quantize_model
 from edgellama.quant.common import count_ops
-from tests.conftest import OrtLoop, ort_session, portable_copy, random_llama
-
-
-def _prefill_logits(ir_model, config, path):
-    loop = OrtLoop(ort_session(ir_model, path), config)
-    ids = np.arange(1, 9, dtype=np.int64)[None]
-    return loop.step(ids, np.ones_like(ids), loop.empty(1))[0]
+from tests.conftest import portable_copy, random_llama
+from tests.quant.conftest import prefill_logits
 
 
 def _silu_graph(*, negate: str = "x", one: float = 1.0, extra_reader: bool = False) -> ir.Model:
@@ -69,8 +64,8 @@ def test_every_mode_writes_sigmoid_and_computes_the_same(mode, tmp_path):
     assert fast_silu.apply(fast) == layers
     counts = count_ops(fast)
     assert counts[":Sigmoid"] == layers and ":Exp" not in counts and ":Div" not in counts
-    a = _prefill_logits(exported, model.config, tmp_path / "exact")
-    b = _prefill_logits(fast, model.config, tmp_path / "fast")
+    a = prefill_logits(exported, model.config, tmp_path / "exact")
+    b = prefill_logits(fast, model.config, tmp_path / "fast")
     assert np.abs(a - b).max() <= 1e-4
     quantized = portable_copy(model, key="fast-silu")
     entry = quantize_model(quantized, mode=mode, target="portable")

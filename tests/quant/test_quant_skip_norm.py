@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from edgellama.quant.common import count_ops
-from tests.conftest import OrtLoop, ort_session, portable_copy, random_llama
-
-
-def _prefill_logits(ir_model, config, path):
-    loop = OrtLoop(ort_session(ir_model, path), config)
-    ids = np.arange(1, 9, dtype=np.int64)[None]
-    return loop.step(ids, np.ones_like(ids), loop.empty(1))[0]
+from tests.conftest import portable_copy, random_llama
+from tests.quant.conftest import prefill_logits
 
 
 def test_an_ort_graph_gets_its_skip_norms_back_and_computes_the_same(tmp_path):
@@ -31,8 +26,8 @@ def test_an_ort_graph_gets_its_skip_norms_back_and_computes_the_same(tmp_path):
     assert after["com.microsoft:SkipSimplifiedLayerNormalization"] == 2 * layers
     assert after[":SimplifiedLayerNormalization"] == 1
     assert after[":Add"] == before[":Add"] - 2 * layers
-    a = _prefill_logits(lowered, model.config, tmp_path / "plain")
-    b = _prefill_logits(fused, model.config, tmp_path / "fused")
+    a = prefill_logits(lowered, model.config, tmp_path / "plain")
+    b = prefill_logits(fused, model.config, tmp_path / "fused")
     assert np.abs(a - b).max() <= 1e-4
     portable = portable_copy(model, key="skip-norm")
     assert skip_norm.apply(portable, target="portable") == 0 and count_ops(portable) == count_ops(

@@ -39,9 +39,8 @@ def quantize_model(model: Any, *, mode: str, target: str, block_size: int | None
 
 def apply_request(model: Any, request: Request, *, target: str, progress: Progress = SILENT) -> dict:
     """`quantize_model` for a request already checked (`check_request`, run before any loading)."""
-    from edgellama.quant.common import count_ops
-
     from edgellama.quant import fast_silu, skip_norm
+    from edgellama.quant.common import count_ops
 
     before = count_ops(model)
     with progress.step(f"quantize ({request.quant_pass.name})"):

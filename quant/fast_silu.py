@@ -4,7 +4,7 @@ The export writes the exact form for fp32's sake (export/onnx_export.py: ONNX Ru
 x * Sigmoid(x) into QuickGelu on an approximate logistic). A quantized model's own rounding is
 orders of magnitude larger than that approximation, and there four elementwise kernels per layer
 instead of one fused kernel are a cost every decode step pays (bench/silu.py measures both forms),
-so every mode (fp16, int8, int8-dynamic, int4) rewrites it before its own pass.
+so every mode (fp16, int8, int8-dynamic, int4) rewrites it, after its own pass (quant/api.py).
 
     Div(x, Add(Exp(Neg(x)), 1))  ->  Mul(x, Sigmoid(x))
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgellama.export.lower.engine import Context
 from edgellama.quant import common
 
 
@@ -30,8 +31,8 @@ def _only_reader(value: ir.Value) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output()
 
 
-def refusal(div: ir.Node) -> str | None:
-    """Why `div` is not an exported SiLU (None when it is)."""
+def _match(div: ir.Node) -> tuple[ir.Node, ir.Node, ir.Node, ir.Value] | str:
+    """(Add, Exp, Neg, the constant 1) of an exported SiLU ending in `div`, or why it is not one."""
     if not common.is_op(div, "Div") or len(div.inputs) != 2:
         return "not a Div"
     x, denominator = div.inputs
@@ -42,39 +43,39 @@ def refusal(div: ir.Node) -> str | None:
             and common.is_op(v.producer(), "Exp")]
     if len(exps) != 1:
         return "the Add does not read one Exp"
-    one = _const(add.inputs[1] if add.inputs[0] is exps[0] else add.inputs[0])
-    if one is None or one.size != 1 or float(one.reshape(-1)[0]) != 1.0:
+    one = add.inputs[1] if add.inputs[0] is exps[0] else add.inputs[0]
+    value = _const(one)
+    if value is None or value.size != 1 or float(value.reshape(-1)[0]) != 1.0:
         return "the Add's other input is not the constant 1"
-    neg = exps[0].producer().inputs[0]
+    exp = exps[0].producer()
+    neg = exp.inputs[0]
     if not _only_reader(exps[0]) or neg is None or neg.producer() is None or not common.is_op(neg.producer(), "Neg"):
         return "the Exp does not read a Neg read only there"
     if not _only_reader(neg) or neg.producer().inputs[0] is not x:
         return "the Neg does not negate the Div's numerator"
-    return None
+    return add, exp, neg.producer(), one
+
+
+def refusal(div: ir.Node) -> str | None:
+    """Why `div` is not an exported SiLU (None when it is)."""
+    found = _match(div)
+    return found if isinstance(found, str) else None
 
 
 def apply(model: ir.Model) -> int:
     """Rewrite every exported SiLU of the main graph in place; returns how many."""
-    graph, rewritten = model.graph, 0
-    for div in list(graph):
-        if div.graph is None or refusal(div) is not None:
+    ctx, rewritten = Context(model.graph), 0
+    for div in list(model.graph):
+        if div.graph is None or isinstance(found := _match(div), str):
             continue
-        x, denominator = div.inputs
-        add = denominator.producer()
-        exp = next(v.producer() for v in add.inputs if v is not None and v.producer() is not None
-                   and common.is_op(v.producer(), "Exp"))
-        neg = exp.inputs[0].producer()
-        one = next(v for v in add.inputs if v is not exp.outputs[0])
+        add, exp, neg, one = found
+        x = div.inputs[0]
         sigmoid = common.op("Sigmoid", [x], [f"{div.name}/sigmoid"], name=f"{div.name}/Sigmoid")
         mul = common.op("Mul", [x, sigmoid.outputs[0]], [ir.Value()], name=div.name)
-        graph.insert_before(div, [sigmoid, mul])
-        out = div.outputs[0]
-        name, shape, type_ = out.name, out.shape, out.type
-        out.name = None
-        ir.convenience.replace_all_uses_with(out, mul.outputs[0], replace_graph_outputs=True)
-        mul.outputs[0].name, mul.outputs[0].shape, mul.outputs[0].type = name, shape, type_
-        graph.remove([div, add, exp, neg], safe=True)
+        model.graph.insert_before(div, [sigmoid, mul])
+        ctx.rewire([div.outputs[0]], [mul.outputs[0]])   # the Div's output name, shape and readers
+        model.graph.remove([div, add, exp, neg], safe=True)
         if one.is_initializer() and not one.uses() and not one.is_graph_output():
-            graph.initializers.pop(one.name)
+            model.graph.initializers.pop(one.name)
         rewritten += 1
     return rewritten

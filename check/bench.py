@@ -278,8 +278,12 @@ def our_folder(source: str, out: Path, *, precision: str, target: str = "ort", k
 
 def genai_folder(source: str, out: Path, *, precision: str, say: Callable[[str], None] = lambda s: None) -> Path:
     """onnxruntime-genai's builder export of `source` at `precision` (through a Hugging Face folder
-    written once), cached in `out`."""
+    written once), cached in `out`. A precision of ours the builder lacks (int4-fast) maps to the one
+    it is compared with (int4)."""
     from edgellama.export.sources import save_hf_folder
+    from edgellama.folder import pass_precision
+
+    precision = pass_precision(precision) or precision
 
     hf = out / f"{Path(source).name}-hf"
     if not (hf / "config.json").is_file():

@@ -38,6 +38,23 @@ TARGETS = ("portable", "ort", "onnx23")
 
 
 # -- the manifest ---------------------------------------------------------------------------------
+
+def pass_precision(*passes: str) -> str | None:
+    """The precision quantization passes (or modes: `int4-fast`, a bench's precision name) leave a
+    folder at, the lowest of them: int4, int8-dynamic, int8 or fp16; None for none of those. What
+    parity's tolerances, the benchmarks' genai counterpart and a folder's `precision` go by."""
+    modes = [str(m or "").lower() for m in passes]
+    if any("int4" in m or "4bit" in m for m in modes):
+        return "int4"
+    if any("int8-dynamic" in m or "w8a8" in m for m in modes):
+        return "int8-dynamic"
+    if any("int8" in m for m in modes):
+        return "int8"
+    if any("fp16" in m or "float16" in m for m in modes):
+        return "fp16"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class FileRecord:
     bytes: int
@@ -79,18 +96,10 @@ class Manifest:
     @property
     def precision(self) -> str:
         """The precision the folder runs at: fp32 / fp16, or the quantization applied (int8,
-        int8-dynamic, int4). The lowest wins: an fp32 export quantized to int4 is int4."""
-        modes = [str((q.get("pass") or q.get("mode") or "") if isinstance(q, dict) else q).lower()
+        int8-dynamic, int4; int4-fast is int4). The lowest wins: an fp32 export quantized to int4 is int4."""
+        modes = [str((q.get("pass") or q.get("mode") or "") if isinstance(q, dict) else q)
                  for q in self.quantization]
-        if any("int4" in m or "4bit" in m for m in modes):
-            return "int4"
-        if any("int8-dynamic" in m or "w8a8" in m for m in modes):
-            return "int8-dynamic"
-        if any("int8" in m for m in modes):
-            return "int8"
-        if any("fp16" in m or "float16" in m for m in modes):
-            return "fp16"
-        return "fp16" if str(self.dtype or "fp32").lower() in ("fp16", "float16") else "fp32"
+        return pass_precision(*modes) or ("fp16" if str(self.dtype or "fp32").lower() in ("fp16", "float16") else "fp32")
 
     @property
     def source_spec(self) -> str:

@@ -26,9 +26,18 @@ v_proj at 8 bits), float zero points 0.256: the grid, not the method, made the d
 (Those figures predate SMOOTH. With it, the current default, against fp32 torch over 4,096 tokens
 in windows of 512: smollm2 KL 0.130, top-1 80.6%, perplexity +14.0%; de-gridded copy KL 0.165,
 top-1 76.8%, +16.9%; onnxruntime-genai's builder -p int4 in the same run: 0.389 and 0.511.)
+
+`--mode int4-fast` (int4_fast.py, Policy FAST below) is the other end of the same trade: the
+smallest graph whose smollm2 quality still beats genai's int4. Each step along the way, measured
+(KL as above; decode speed relative to genai's int4 in one lockstep run of bench/profile_step.py):
+all 4-bit at block 32 KL 0.332 ~1.02x; blocks of 64 everywhere 0.538 ~1.09x (the tied 4-bit table
+loses most: at 32 it is 0.401); down_proj back at 32 too 0.367 ~1.06x (FAST). Symmetric blocks
+gain ~1% speed for a much worse fit (0.428 at 32); blocks of 128 do not divide smollm2's 576.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import onnx_ir as ir
 
@@ -56,9 +65,32 @@ SMOOTH = True
 LM_HEAD_SYMMETRIC = True
 
 
-def _is_four_bit(wm: common.WeightMatMul) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Where a 4-bit pass spends its bytes: the one thing `int4` and `int4-fast` differ in."""
+    name: str
+    eight_bit: tuple[str, ...]          # decoder projections kept at 8 bits (a separate MatMulNBits)
+    fine: tuple[str, ...] = ()          # decoder projections in blocks of at most FINE_BLOCK
+    fine_head: bool = False             # a 4-bit lm_head in blocks of at most FINE_BLOCK too
+
+
+FINE_BLOCK = 32
+
+# The default: quality first (v_proj and, unless --lm-head-bits 4, lm_head at 8 bits).
+ACCURATE = Policy("int4", eight_bit=EIGHT_BIT_PROJECTIONS)
+
+# Speed first, and still ahead of onnxruntime-genai's int4 on quality: every decoder MatMul 4-bit
+# (no 8-bit v, so q|k|v is one MatMulNBits and no Concat follows it), blocks of 64 (half the
+# scales and zero points to read and apply per weight) except down_proj and the lm_head/embedding
+# table, which lose the most at 64 and stay at 32. The figures of each choice are in the
+# issue-11 note and bench/quality.py; the registry gives this pass block 64 and a 4-bit lm_head.
+FAST = Policy("int4-fast", eight_bit=(), fine=("down_proj",), fine_head=True)
+
+
+def _projection(wm: common.WeightMatMul) -> str | None:
+    """`v_proj`, `down_proj`, ... for a decoder-layer MatMul; None outside the layers."""
     mod = common.module_name(wm.node)
-    return mod.startswith("model.layers.") and mod.rsplit(".", 1)[-1] not in EIGHT_BIT_PROJECTIONS
+    return mod.rsplit(".", 1)[-1] if mod.startswith("model.layers.") else None
 
 
 def _v_width(wm: common.WeightMatMul) -> int | None:
@@ -77,34 +109,41 @@ def _v_width(wm: common.WeightMatMul) -> int | None:
     return None
 
 
-def _choose(wm: common.WeightMatMul, four: matmul_nbits.Choice, eight: matmul_nbits.Choice,
-            head: matmul_nbits.Choice) -> matmul_nbits.Choice | matmul_nbits.Columns:
-    """4 bits in the decoder layers but for EIGHT_BIT_PROJECTIONS; a packed q|k|v keeps its v columns
-    at 8 bits too, so the static contract quantizes exactly as the dynamic one does."""
-    mod = common.module_name(wm.node)
-    v = _v_width(wm) if mod.endswith(".qkv_proj") and "v_proj" in EIGHT_BIT_PROJECTIONS else None
+def _choose(wm: common.WeightMatMul, *, policy: Policy, four: matmul_nbits.Choice, fine: matmul_nbits.Choice,
+            eight: matmul_nbits.Choice, head: matmul_nbits.Choice) -> matmul_nbits.Choice | matmul_nbits.Columns:
+    """4 bits in the decoder layers but for the policy's 8-bit projections; a packed q|k|v keeps its
+    v columns at 8 bits too, so the static contract quantizes exactly as the dynamic one does."""
+    proj = _projection(wm)
+    v = _v_width(wm) if proj == "qkv_proj" and "v_proj" in policy.eight_bit else None
     if v:
         shape = wm.weight.const_value.shape
         n = shape[0] if wm.transposed else shape[-1]
         return matmul_nbits.Columns((("qk", int(n) - v, four), ("v", v, eight)))
-    if _is_four_bit(wm):
-        return four
-    return head if mod == "lm_head" else eight
+    if proj is not None and proj not in policy.eight_bit:
+        return fine if proj in policy.fine else four
+    return head if common.module_name(wm.node) == "lm_head" else eight
 
 
-def apply(model: ir.Model, *, target: str, settings: Settings) -> dict:
-    """Quantize `model` in place; returns the manifest's record of the pass."""
-    level, exclude = settings.accuracy_level, settings.exclude
+def apply(model: ir.Model, *, target: str, settings: Settings, policy: Policy = ACCURATE) -> dict:
+    """Quantize `model` in place by `policy`; returns the manifest's record of the pass."""
+    level, exclude, block = settings.accuracy_level, settings.exclude, settings.block_size
     smoothed = smooth.apply(model, exclude=exclude, mlp=True) if SMOOTH and level == 4 else {"smoothing": None}
     four = matmul_nbits.Choice(bits=4, symmetric=SYMMETRIC, search=SEARCH, float_zero_points=FLOAT_ZERO_POINTS)
+    fine_block = min(block, FINE_BLOCK)
+    fine = dataclasses.replace(four, block_size=fine_block)
     eight = matmul_nbits.Choice(bits=8, symmetric=True, search=False)
     head_bits = settings.lm_head_bits or 8
     # A 4-bit lm_head is symmetric so that a tied embedding can read its bytes (one table, as at 8 bits).
-    head = eight if head_bits == 8 else matmul_nbits.Choice(bits=4, symmetric=LM_HEAD_SYMMETRIC, search=SEARCH)
-    stats = matmul_nbits.rewrite(model, choose=lambda wm: _choose(wm, four, eight, head),
-                                 block_size=settings.block_size, accuracy_level=level, exclude=exclude)
-    return {"pass": "int4", "requires": "onnxruntime (com.microsoft contrib ops)",
-            "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": settings.block_size,
+    head = eight if head_bits == 8 else matmul_nbits.Choice(
+        bits=4, symmetric=LM_HEAD_SYMMETRIC, search=SEARCH, block_size=fine_block if policy.fine_head else None)
+    stats = matmul_nbits.rewrite(
+        model, choose=lambda wm: _choose(wm, policy=policy, four=four, fine=fine, eight=eight, head=head),
+        block_size=block, accuracy_level=level, exclude=exclude)
+    finer = {"fine_block_size": fine_block, "fine": list(policy.fine),
+             "lm_head_block_size": fine_block if policy.fine_head and head_bits == 4 else block}
+    return {"pass": policy.name, "requires": "onnxruntime (com.microsoft contrib ops)",
+            "op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": block,
+            **(finer if policy.fine or policy.fine_head else {}),
             "symmetric": SYMMETRIC, "scale_search": SEARCH, "float_zero_points": FLOAT_ZERO_POINTS,
             "accuracy_level": level, "lm_head_bits": head_bits, "matmuls": len(stats.matmuls),
             "int8_matmuls": sorted(m for m, b in stats.matmuls.items() if b == 8),

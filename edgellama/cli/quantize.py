@@ -28,19 +28,26 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, flag: str, required: bool
     def taking(setting: str) -> str:
         return "/".join(p.name for p in PASSES.values() if getattr(p, setting) not in (None, False))
 
-    defaults = {p.name: p for p in PASSES.values() if p.block_size is not None}
-    default = next(iter(defaults.values()))
+    def default(setting: str) -> str:
+        """The pass defaults of `setting`, one per distinct value: `32; int4-fast: 64`."""
+        values: dict[int, list[str]] = {}
+        for q in PASSES.values():
+            if getattr(q, setting) is not None:
+                values.setdefault(getattr(q, setting), []).append(q.name)
+        first, *rest = values.items()
+        return "; ".join([str(first[0]), *(f"{'/'.join(names)}: {v}" for v, names in rest)])
+
     p.add_argument(flag, required=required, default=None, choices=MODES, help=f"{mode_help} (modes below)")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"{prefix}{taking('block_size')} block size: {', '.join(map(str, BLOCK_SIZES))} "
-                   f"(default {default.block_size})")
+                   f"(default {default('block_size')})")
     p.add_argument("--accuracy-level", type=int, default=None, choices=ACCURACY_LEVELS,
-                   help=f"{prefix}{taking('accuracy_level')}: MatMulNBits accuracy_level; {default.accuracy_level} "
-                   "(default) quantizes activations to int8 at run time (fast on CPU), 0 keeps them fp32 "
-                   "(more accurate, much slower on CPU)")
+                   help=f"{prefix}{taking('accuracy_level')}: MatMulNBits accuracy_level; 4 quantizes activations "
+                   "to int8 at run time (fast on CPU), 0 keeps them fp32 (more accurate, much slower on CPU) "
+                   f"(default {default('accuracy_level')})")
     p.add_argument("--lm-head-bits", type=int, default=None, choices=LM_HEAD_BITS,
-                   help=f"{prefix}{taking('lm_head_bits')}: bits of lm_head (and of a tied embedding); 8 (default) "
-                   "keeps most of the quality, 4 is faster and smaller but much less accurate")
+                   help=f"{prefix}{taking('lm_head_bits')}: bits of lm_head (and of a tied embedding); 8 keeps most "
+                   f"of the quality, 4 is faster and smaller but much less accurate (default {default('lm_head_bits')})")
     p.add_argument("--exclude", default="", metavar="NAMES",
                    help=f"{prefix}comma-separated node or module names (fnmatch patterns) to keep unquantized, "
                    "e.g. `lm_head` or `model.layers.0.*`")

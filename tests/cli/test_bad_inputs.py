@@ -131,7 +131,7 @@ CASES = [
     (["export", "tiny", "-o", "{out}", "--exclude", "lm_head"], "need --quant", nothing),
     (["export", "tiny", "-o", "{out}", "--block-size", "32"], "need --quant", nothing),
     (["export", "tiny", "-o", "{out}", "--quant", "int4", "--block-size", "24"], "block size 24", nothing),
-    (["export", "tiny", "-o", "{out}", "--quant", "fp16", "--accuracy-level", "4"], "int8 and int4 only", nothing),
+    (["export", "tiny", "-o", "{out}", "--quant", "fp16", "--accuracy-level", "4"], "int8, int4 and int4-fast only", nothing),
     (["export", "tiny", "-o", "{out}", "--quant", "int8", "--dtype", "fp16"], "starts from an fp32", nothing),
     (["export", "{case}/empty", "-o", "{out}"], "", write("empty/.keep")),
     # export: outputs, containment, --force
@@ -150,7 +150,7 @@ CASES = [
     (["quantize", "{tiny}", "-o", "{out}", "--mode", "int9"], "invalid choice", nothing),
     (["quantize", "{tiny}", "-o", "{out}", "--mode", "int4", "--block-size", "7"], "block size 7", nothing),
     (["quantize", "{tiny}", "-o", "{out}", "--mode", "int4", "--block-size", "abc"], "invalid int", nothing),
-    (["quantize", "{tiny}", "-o", "{out}", "--mode", "fp16", "--accuracy-level", "4"], "int8 and int4 only", nothing),
+    (["quantize", "{tiny}", "-o", "{out}", "--mode", "fp16", "--accuracy-level", "4"], "int8, int4 and int4-fast only", nothing),
     (["quantize", "{case}/missing", "-o", "{out}", *Q], "no such directory", nothing),
     (["quantize", "{case}/empty", "-o", "{out}", *Q], "not an edgellama model folder", write("empty/.keep")),
     (["quantize", "{int8}", "-o", "{out}", *Q], "already quantized", nothing),

@@ -31,7 +31,7 @@ def test_version_and_help(capsys):
     (["export", "no-such-model", "-o", "OUTDIR"], "no-such-model"),
     (["inspect", "no/such/folder"], "no/such/folder"),
     (["export", "tiny", "-o", "OUTDIR", "--exclude", "lm_head"], "need --quant"),
-    (["export", "tiny", "-o", "OUTDIR", "--quant", "fp16", "--accuracy-level", "4"], "int8 and int4 only"),
+    (["export", "tiny", "-o", "OUTDIR", "--quant", "fp16", "--accuracy-level", "4"], "int8, int4 and int4-fast only"),
     (["export", "tiny", "-o", "OUTDIR", "--quant", "int4", "--block-size", "24"], "block size 24"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, words, tmp_path):

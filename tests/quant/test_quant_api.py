@@ -97,7 +97,7 @@ def test_exclude_keeps_named_modules(tiny, tmp_path):
 @pytest.mark.parametrize("argv_tail,message", [
     (["--mode", "int3"], "invalid choice"),
     (["--mode", "int4", "--block-size", "20"], "block size 20"),
-    (["--mode", "fp16", "--block-size", "32"], "--block-size applies to int8 and int4"),
+    (["--mode", "fp16", "--block-size", "32"], "--block-size applies to int8, int4 and int4-fast"),
 ])
 def test_cli_bad_request(tiny, tmp_path, capsys, argv_tail, message):
     rc = main(["quantize", str(tiny), "-o", str(tmp_path / "out"), *argv_tail])
@@ -130,7 +130,7 @@ def test_cli_writes_folder_and_refuses_nonempty_out(tiny, tmp_path, capsys):
 
 
 def test_modes_listed():
-    assert MODES == ("fp16", "int8", "int8-dynamic", "int4")
+    assert MODES == ("fp16", "int8", "int8-dynamic", "int4", "int4-fast")
 
 
 def test_accuracy_level_recorded_and_applied(tiny, tmp_path):

@@ -52,7 +52,7 @@ def test_logits_stay_close(pair):
     assert mean_kl(a, f) < 5e-2
 
 
-@pytest.mark.parametrize("mode,bits,message", [("int8", 4, "applies to int4 only"),
+@pytest.mark.parametrize("mode,bits,message", [("int8", 4, "applies to int4 and int4-fast only"),
                                                 ("int4", 6, "is not one of 4, 8"),
                                                 ("int4", True, "is not one of 4, 8")])
 def test_bad_requests(mode, bits, message):

@@ -17,6 +17,7 @@ default --prompt-tokens): prefill ms, decode tok/s, the median step, and with --
 peak RSS in a child process of its own. --no-spin sets ONNX Runtime's
 session.intra_op.allow_spinning=0 on every runner (the default leaves ONNX Runtime's choice).
 --lm-head-bits 4: int4 folders quantized with a 4-bit lm_head (kept apart, suffix -lm4).
+--precisions int4-fast: our int4-fast folders against the builder's int4 (the precision it has).
 
 Where a step's time goes, graph against graph (ours vs the builder's, per op type): bench/profile_step.py.
 """
@@ -51,6 +52,7 @@ def main() -> None:
         return kv_compare(args)
 
     from edgellama.check import bench
+    from edgellama.folder import pass_precision
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)
@@ -67,7 +69,7 @@ def main() -> None:
         if not runners:
             continue
         built = bench.genai_folder(args.source, out, precision=precision, say=say)
-        runners.append(bench.GenaiRunner(built, name="onnxruntime-genai builder", precision=precision,
+        runners.append(bench.GenaiRunner(built, name="onnxruntime-genai builder", precision=pass_precision(precision) or precision,
                                          threads=args.threads))
         runners.append(bench.GenaiRunner(runners[0].gen.model.folder, name="onnxruntime-genai on our folder",
                                          precision=precision, threads=args.threads))
@@ -87,6 +89,7 @@ def main() -> None:
 
 def kv_compare(args) -> None:
     from edgellama.check import bench
+    from edgellama.folder import pass_precision
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)
@@ -108,7 +111,7 @@ def kv_compare(args) -> None:
             genai_folder = bench.genai_folder(args.source, out, precision=precision, say=say)
         else:   # a source genai's builder cannot read (tiny): genai runs our static folder
             genai_folder = folders["static"]
-        runners.append(bench.GenaiRunner(genai_folder, name="onnxruntime-genai", precision=precision,
+        runners.append(bench.GenaiRunner(genai_folder, name="onnxruntime-genai", precision=pass_precision(precision) or precision,
                                          threads=args.threads, session_config=config))
         for context in contexts:
             prompt = bench.bench_prompt(runners[0].model.config.vocab_size, context)

@@ -96,3 +96,18 @@ def test_cli(tmp_path_factory, tmp_path, capsys):
     assert rc in (0, None) and out["mode"] == "int4-fast"
     assert out["manifest"]["quantization"][0]["lm_head_bits"] == 8
     assert _attr(_matmuls(tmp_path / "q")["lm_head/MatMulNBits"], "bits") == 8
+
+
+@pytest.mark.genai
+def test_genai_runs_it_as_we_do(pair):
+    # onnxruntime-genai loads an int4-fast folder of either contract and its greedy tokens are ours.
+    pytest.importorskip("onnxruntime_genai")
+    from edgellama.check import bench
+    from edgellama.runtime.generator import Generator
+    from tests.check.test_genai import _until_eos, genai_eos_ids, genai_greedy
+
+    q = pair[1]
+    ours = Generator(q, provider="cpu")
+    prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
+    mine = ours.generate_ids(prompt, max_new_tokens=16, eos=False)[0].token_ids
+    assert genai_greedy(q, prompt, 16) == _until_eos(mine, genai_eos_ids(q))

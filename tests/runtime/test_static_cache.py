@@ -134,15 +134,20 @@ def test_dynamic_only_tools_say_so(pair, static_gen):
         StaticCache(OrtModel(pair[1], provider="cpu"), 1, 8)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_static_folder(pair, tmp_path, mode):
+# int4-fast at fp32 activations (accuracy_level 0): its q|k|v weights are byte-identical in both
+# contracts, but at the default level 4 each MatMulNBits rounds its input to int8 per block, so the
+# two graphs' ~1e-7 differences in attention's output (rotary inside GroupQueryAttention or before
+# it) can land a value on the other side of a rounding step: on this random tiny model, a near-tie
+# then flips (4 of 24 tokens differ at level 4, none at level 0).
+@pytest.mark.parametrize("mode,level", [("int8", None), ("int4", None), ("int4-fast", 0)])
+def test_quantized_static_folder(pair, tmp_path, mode, level):
     from edgellama.quant.api import quantize_folder
 
     static, dynamic = pair
     if json.loads((static / "edgellama.json").read_text())["dtype"] != "fp32":
         pytest.skip("quantization starts from fp32")
-    out_s = quantize_folder(static, tmp_path / "s", mode=mode)
-    out_d = quantize_folder(dynamic, tmp_path / "d", mode=mode)
+    out_s = quantize_folder(static, tmp_path / "s", mode=mode, accuracy_level=level)
+    out_d = quantize_folder(dynamic, tmp_path / "d", mode=mode, accuracy_level=level)
     assert json.loads((out_s / "edgellama.json").read_text())["kv_cache"] == "static"
     gen_s, gen_d = Generator(out_s, provider="cpu"), Generator(out_d, provider="cpu")
     assert gen_s.loop_mode == "static"

@@ -9,8 +9,9 @@ Policy (what is quantized and why):
 - lm_head: 8 bits (symmetric, as in int8). Its error goes straight into every logit and, with tied
   embeddings, the same table is the embedding: 4 bits there costs most of int4's quality loss
   for ~7% of the size. `--lm-head-bits 4` (Settings.lm_head_bits) trades that back: a 4-bit
-  symmetric lm_head (a tied embedding reads its bytes, as onnxruntime-genai's builder does), smaller
-  in memory and faster per token; smollm2 mean KL 0.130 -> 0.302 (genai's int4 0.389).
+  symmetric lm_head rounded to nearest on all 16 codes (a tied embedding reads its bytes, as
+  onnxruntime-genai's builder does), smaller in memory and faster per token; smollm2 mean KL 0.130
+  -> 0.207 (genai's int4 0.389; 0.302 while the head took the clip search and 15 codes).
 - The token embedding: GatherBlockQuantized int8 (shared with lm_head when tied).
 - `accuracy_level` 4 by default (registry.py: int8 activations, the fast CPU kernels), as int8.
 - Integer zero points (packed 4-bit, the layout MLAS's fast kernels take). FLOAT_ZERO_POINTS
@@ -28,11 +29,13 @@ in windows of 512: smollm2 KL 0.130, top-1 80.6%, perplexity +14.0%; de-gridded 
 top-1 76.8%, +16.9%; onnxruntime-genai's builder -p int4 in the same run: 0.389 and 0.511.)
 
 `--mode int4-fast` (int4_fast.py, Policy FAST below) is the other end of the same trade: the
-smallest graph whose smollm2 quality still beats genai's int4. Each step along the way, measured
-(KL as above; decode speed relative to genai's int4 in one lockstep run of bench/profile_step.py):
-all 4-bit at block 32 KL 0.332 ~1.02x; blocks of 64 everywhere 0.538 ~1.09x (the tied 4-bit table
-loses most: at 32 it is 0.401); down_proj back at 32 too 0.367 ~1.06x (FAST). Symmetric blocks
-gain ~1% speed for a much worse fit (0.428 at 32); blocks of 128 do not divide smollm2's 576.
+smallest graph measured whose smollm2 quality still beats genai's int4 on mean KL, top-1 and
+perplexity alike. Decode speed relative to genai's int4 (one lockstep run of bench/profile_step.py,
+the head as then: clip search, 15 codes) and KL: all 4-bit at block 32 ~1.02x, KL 0.332; blocks
+of 64 everywhere ~1.09x, 0.401; down_proj back at 32 ~1.06x, 0.367. With the head rounded to
+nearest on 16 codes: FAST 0.286 (perplexity +28.8% against genai's +31.3%); blocks of 64 with
+down_proj too 0.319 but +34.6%, behind genai on perplexity. Symmetric layer blocks gain ~1% speed
+for a much worse fit (0.428 at 32).
 """
 
 from __future__ import annotations
@@ -133,9 +136,12 @@ def apply(model: ir.Model, *, target: str, settings: Settings, policy: Policy = 
     fine = dataclasses.replace(four, block_size=fine_block)
     eight = matmul_nbits.Choice(bits=8, symmetric=True, search=False)
     head_bits = settings.lm_head_bits or 8
-    # A 4-bit lm_head is symmetric so that a tied embedding can read its bytes (one table, as at 8 bits).
+    # A 4-bit lm_head is symmetric so that a tied embedding can read its bytes (one table, as at 8 bits),
+    # and rounded to nearest without the clip search: the search lowers the table's squared error by
+    # clipping its largest entries, which are the ones that decide the top logits (smollm2's KL and
+    # perplexity both worse with it: figures in the issue-11 note).
     head = eight if head_bits == 8 else matmul_nbits.Choice(
-        bits=4, symmetric=LM_HEAD_SYMMETRIC, search=SEARCH, block_size=fine_block if policy.fine_head else None)
+        bits=4, symmetric=LM_HEAD_SYMMETRIC, search=False, block_size=fine_block if policy.fine_head else None)
     stats = matmul_nbits.rewrite(
         model, choose=lambda wm: _choose(wm, policy=policy, four=four, fine=fine, eight=eight, head=head),
         block_size=block, accuracy_level=level, exclude=exclude)

@@ -65,16 +65,17 @@ def norm_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node,
 
 def _through_row_pick(value: ir.Value) -> ir.Value:
     """The value the weight MatMuls read for `value`: past the static KV cache graph's last-position
-    pick (Reshape -> Gather of rows -> Unsqueeze, export/lower/ort_static.py) when that is its one
-    reader. The pick only selects rows, so a per-channel factor folds through it unchanged."""
-    chain = (("Reshape", 0), ("Gather", 0), ("Unsqueeze", 0))
+    pick (Reshape -> Gather of rows -> Reshape to [B, K, H], export/lower/ort_static.py; folders
+    from before `logits_to_keep` end in an Unsqueeze) when that is its one reader. The pick only
+    selects rows, so a per-channel factor folds through it unchanged."""
+    chain = (("Reshape",), ("Gather",), ("Reshape", "Unsqueeze"))
     current = value
-    for op_type, index in chain:
+    for op_types in chain:
         uses = current.uses()
-        if len(uses) != 1 or not common.is_op(uses[0].node, op_type) or uses[0].idx != index:
+        if len(uses) != 1 or uses[0].idx != 0 or not any(common.is_op(uses[0].node, t) for t in op_types):
             return value
         node = uses[0].node
-        if op_type == "Gather" and (node.attributes.get("axis") is None or node.attributes["axis"].as_int() != 0):
+        if node.op_type == "Gather" and (node.attributes.get("axis") is None or node.attributes["axis"].as_int() != 0):
             return value
         current = node.outputs[0]
     return value if current.is_graph_output() else current

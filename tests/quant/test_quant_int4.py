@@ -10,7 +10,7 @@ from onnx import helper
 from edgellama import folder
 from edgellama.quant import blockwise
 from tests.quant.conftest import (TARGETS, dequantize, ids, kernel_matmul, logits, mean_kl, quantized_pair,
-                                  weight_bytes)
+                                  unpacked, weight_bytes)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -35,6 +35,24 @@ def test_search_and_zero_points_lower_error():
     searched = err(symmetric=False, search=True)
     assert searched < plain_asym < plain_sym
     assert searched < 0.97 * plain_asym      # measured: 5.4% lower MSE on t(3) weights
+
+
+def test_symmetric_4bit_uses_all_16_codes():
+    # Each block's signed extreme takes code 0, so the step is |extreme| / 8 (a negative scale when
+    # the extreme is positive); a value of the other sign within half a step of that magnitude clips
+    # to code 15, under one step off; every other value is within half a step.
+    w = np.random.default_rng(5).standard_normal((128, 16)).astype(np.float32)
+    packed = blockwise.quantize(w, bits=4, block_size=32, symmetric=True)
+    extreme = np.abs(w).reshape(4, 32, 16).max(1)                   # [blocks, N]
+    np.testing.assert_allclose(np.abs(packed.scales.T), extreme / 8, rtol=1e-6)
+    step = np.repeat(extreme / 8, 32, axis=0)
+    err = np.abs(dequantize(packed) - w)
+    clipped = np.abs(w) > step * 7.5
+    assert np.all(err[~clipped] <= step[~clipped] / 2 + 1e-7) and np.all(err < step)
+    assert packed.zero_points is None and unpacked(packed).min() == 0
+    # The full range is finer than the old 15-code one on the same weights.
+    assert np.square(err).mean() < np.square(w - np.clip(np.rint(w / np.repeat(extreme / 7, 32, axis=0)), -7, 7)
+                                             * np.repeat(extreme / 7, 32, axis=0)).mean()
 
 
 def test_asymmetric_is_exact_on_a_4bit_grid():

@@ -27,15 +27,9 @@ def test_layout_matches_kernel(k, block):
 def test_symmetric_error_within_half_step():
     w = np.random.default_rng(1).standard_normal((128, 16)).astype(np.float32)
     packed = blockwise.quantize(w, bits=8, block_size=32, symmetric=True)
-    step = np.abs(np.repeat(packed.scales, 32, axis=1).T)  # [K, N] step of each weight (signed scales)
-    err = np.abs(dequantize(packed) - w)
-    # Codes 0..255 around 128: each block's signed extreme takes code 0, so the step is |extreme| / 128;
-    # a value of the other sign within half a step of that magnitude clips to 255, under one step off.
-    extreme = np.abs(w).reshape(4, 32, 16).max(1)                # [blocks, N]
-    assert np.allclose(np.abs(packed.scales.T), extreme / 128)
-    clipped = np.abs(w) > np.repeat(extreme, 32, axis=0) * 127.5 / 128
-    assert np.all(err[~clipped] <= step[~clipped] / 2 + 1e-7) and np.all(err < step)
-    assert packed.zero_points is None and unpacked(packed).min() == 0
+    step = np.repeat(packed.scales, 32, axis=1).T          # [K, N] step of each weight
+    assert np.all(np.abs(dequantize(packed) - w) <= step / 2 + 1e-7)
+    assert packed.zero_points is None and unpacked(packed).min() >= 1   # codes 1..255 around 128
 
 
 @pytest.fixture(scope="module", params=TARGETS)

@@ -34,6 +34,15 @@ def genai_greedy(folder, prompt, new_tokens: int, *, provider: str = "cpu") -> l
     return [int(x) for x in gen.get_sequence(0)[len(prompt):]]
 
 
+def assert_genai_greedy_equals_ours(folder, *, new_tokens: int = 16) -> None:
+    """onnxruntime-genai's greedy tokens on `folder` are our Generator's, up to genai's stop at the
+    end of sequence: a 9-token prompt of random ids (seed 3)."""
+    ours = Generator(folder, provider="cpu")
+    prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
+    mine = ours.generate_ids(prompt, max_new_tokens=new_tokens, eos=False)[0].token_ids
+    assert genai_greedy(folder, prompt, new_tokens) == _until_eos(mine, genai_eos_ids(folder))
+
+
 def genai_eos_ids(folder) -> set[int]:
     """The end-of-sequence ids genai stops on, from the folder's genai_config.json."""
     eos = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["eos_token_id"]
@@ -55,10 +64,7 @@ def tiny(tmp_path_factory):
 
 
 def test_genai_greedy_equals_ours_on_tiny(tiny):
-    ours = Generator(tiny, provider="cpu")
-    prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
-    mine = ours.generate_ids(prompt, max_new_tokens=16, eos=False)[0].token_ids
-    assert genai_greedy(tiny, prompt, 16) == _until_eos(mine, genai_eos_ids(tiny))
+    assert_genai_greedy_equals_ours(tiny)
 
 
 @pytest.mark.slow

@@ -102,12 +102,6 @@ def test_cli(tmp_path_factory, tmp_path, capsys):
 def test_genai_runs_it_as_we_do(pair):
     # onnxruntime-genai loads an int4-fast folder of either contract and its greedy tokens are ours.
     pytest.importorskip("onnxruntime_genai")
-    from edgellama.check import bench
-    from edgellama.runtime.generator import Generator
-    from tests.check.test_genai import _until_eos, genai_eos_ids, genai_greedy
+    from tests.check.test_genai import assert_genai_greedy_equals_ours
 
-    q = pair[1]
-    ours = Generator(q, provider="cpu")
-    prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
-    mine = ours.generate_ids(prompt, max_new_tokens=16, eos=False)[0].token_ids
-    assert genai_greedy(q, prompt, 16) == _until_eos(mine, genai_eos_ids(q))
+    assert_genai_greedy_equals_ours(pair[1])

@@ -187,14 +187,9 @@ def _quantized_tensors(folder) -> list[str]:
 @pytest.mark.genai
 def test_genai_greedy_equals_ours_on_a_static_folder(pair):
     pytest.importorskip("onnxruntime_genai")
-    from edgellama.check import bench
-    from tests.check.test_genai import _until_eos, genai_eos_ids, genai_greedy
+    from tests.check.test_genai import assert_genai_greedy_equals_ours
 
-    static = pair[0]
-    ours = Generator(static, provider="cpu")
-    prompt = bench.bench_prompt(ours.config.vocab_size, 9, seed=3)
-    mine = ours.generate_ids(prompt, max_new_tokens=16, eos=False)[0].token_ids
-    assert genai_greedy(static, prompt, 16) == _until_eos(mine, genai_eos_ids(static))
+    assert_genai_greedy_equals_ours(pair[0])
 
 
 @pytest.mark.slow

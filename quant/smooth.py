@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from edgellama.export.lower.ort_static import LAST_HIDDEN
 from edgellama.quant import common
 
 # (domain, op) -> index of the per-channel scale (gamma) input, for each target's RMSNorm.
@@ -64,21 +65,26 @@ def norm_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node,
 
 
 def _through_row_pick(value: ir.Value) -> ir.Value:
-    """The value the weight MatMuls read for `value`: past the static KV cache graph's last-position
-    pick (Reshape -> Gather of rows -> Reshape to [B, K, H], export/lower/ort_static.py; folders
-    from before `logits_to_keep` end in an Unsqueeze) when that is its one reader. The pick only
-    selects rows, so a per-channel factor folds through it unchanged."""
-    chain = (("Reshape",), ("Gather",), ("Reshape", "Unsqueeze"))
+    """The value the weight MatMuls read for `value`: the static KV cache graph's last-position pick
+    when that is `value`'s one reader, found by the name the export gives its output (LAST_HIDDEN,
+    export/lower/ort_static.py) rather than by its exact chain, which has changed (an Unsqueeze
+    before `logits_to_keep`, a Reshape since). Every node on the way must have one reader and only
+    select or reshape rows (Reshape, Unsqueeze, a Gather on axis 0), so a per-channel factor folds
+    through it unchanged."""
     current = value
-    for op_types in chain:
+    for _ in range(4):
         uses = current.uses()
-        if len(uses) != 1 or uses[0].idx != 0 or not any(common.is_op(uses[0].node, t) for t in op_types):
+        if len(uses) != 1 or uses[0].idx != 0:
             return value
         node = uses[0].node
-        if node.op_type == "Gather" and (node.attributes.get("axis") is None or node.attributes["axis"].as_int() != 0):
+        row_gather = common.is_op(node, "Gather") and node.attributes.get("axis") is not None \
+            and node.attributes["axis"].as_int() == 0
+        if not (row_gather or common.is_op(node, "Reshape") or common.is_op(node, "Unsqueeze")):
             return value
         current = node.outputs[0]
-    return value if current.is_graph_output() else current
+        if current.name == LAST_HIDDEN:
+            return current
+    return value
 
 
 def mlp_targets(graph: ir.Graph, exclude: Sequence[str]) -> list[tuple[ir.Node, ir.Node, ir.Node]]:

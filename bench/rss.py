@@ -78,7 +78,7 @@ def main() -> None:
                                           threads=args.threads)
             cells = "  ".join(f"{p}: {m['rss']:.0f} / {m['anon']:.0f} / {m['file']:.0f}" for p, m in phases)
             peak = phases[-1][1]["hwm"]
-            shown = precision if folder == ours else (model_folder.pass_precision(precision) or precision)
+            shown = precision if folder == ours else bench.builder_precision(precision)
             print(f"{name:<22} {shown:<5} peak {peak:6.0f}   {cells}", flush=True)
             records.append({"side": name, "precision": precision, "folder": str(folder), "peak_mb": peak,
                             "lm_head_bits": head if folder == ours else None,

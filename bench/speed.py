@@ -52,7 +52,6 @@ def main() -> None:
         return kv_compare(args)
 
     from edgellama.check import bench
-    from edgellama.folder import pass_precision
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)
@@ -69,7 +68,7 @@ def main() -> None:
         if not runners:
             continue
         built = bench.genai_folder(args.source, out, precision=precision, say=say)
-        runners.append(bench.GenaiRunner(built, name="onnxruntime-genai builder", precision=pass_precision(precision) or precision,
+        runners.append(bench.GenaiRunner(built, name="onnxruntime-genai builder", precision=bench.builder_precision(precision),
                                          threads=args.threads))
         runners.append(bench.GenaiRunner(runners[0].gen.model.folder, name="onnxruntime-genai on our folder",
                                          precision=precision, threads=args.threads))
@@ -89,7 +88,6 @@ def main() -> None:
 
 def kv_compare(args) -> None:
     from edgellama.check import bench
-    from edgellama.folder import pass_precision
 
     def say(s):
         print(f"[speed] {s}", file=sys.stderr, flush=True)
@@ -111,7 +109,7 @@ def kv_compare(args) -> None:
             genai_folder = bench.genai_folder(args.source, out, precision=precision, say=say)
         else:   # a source genai's builder cannot read (tiny): genai runs our static folder
             genai_folder = folders["static"]
-        runners.append(bench.GenaiRunner(genai_folder, name="onnxruntime-genai", precision=pass_precision(precision) or precision,
+        runners.append(bench.GenaiRunner(genai_folder, name="onnxruntime-genai", precision=bench.builder_precision(precision),
                                          threads=args.threads, session_config=config))
         for context in contexts:
             prompt = bench.bench_prompt(runners[0].model.config.vocab_size, context)

@@ -276,14 +276,20 @@ def our_folder(source: str, out: Path, *, precision: str, target: str = "ort", k
     return folder
 
 
-def genai_folder(source: str, out: Path, *, precision: str, say: Callable[[str], None] = lambda s: None) -> Path:
-    """onnxruntime-genai's builder export of `source` at `precision` (through a Hugging Face folder
-    written once), cached in `out`. A precision of ours the builder lacks (int4-fast) maps to the one
-    it is compared with (int4)."""
-    from edgellama.export.sources import save_hf_folder
+def builder_precision(precision: str) -> str:
+    """The onnxruntime-genai builder precision our `precision` (a mode or fp32/fp16) is compared
+    with: a mode the builder lacks (int4-fast) maps to the precision its folders run at (int4)."""
     from edgellama.folder import pass_precision
 
-    precision = pass_precision(precision) or precision
+    return pass_precision(precision) or precision
+
+
+def genai_folder(source: str, out: Path, *, precision: str, say: Callable[[str], None] = lambda s: None) -> Path:
+    """onnxruntime-genai's builder export of `source` at `builder_precision(precision)` (through a
+    Hugging Face folder written once), cached in `out`."""
+    from edgellama.export.sources import save_hf_folder
+
+    precision = builder_precision(precision)
 
     hf = out / f"{Path(source).name}-hf"
     if not (hf / "config.json").is_file():

@@ -88,6 +88,14 @@ def mean_kl(ref: np.ndarray, cand: np.ndarray) -> float:
     return float((np.exp(a) * (a - b)).sum(-1).mean())
 
 
+def nodes(folder: Path, op: str) -> dict:
+    """The folder's `op` nodes (onnx NodeProto) by name, the graph read without its weights."""
+    import onnx
+
+    model = onnx.load(Path(folder) / "model.onnx", load_external_data=False)
+    return {n.name: n for n in model.graph.node if n.op_type == op}
+
+
 def weight_bytes(folder: Path) -> int:
     return os.path.getsize(Path(folder) / "model.onnx.data")
 

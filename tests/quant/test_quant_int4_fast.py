@@ -13,12 +13,11 @@ from onnx import helper
 from edgellama import folder
 from edgellama.quant.registry import check_request
 from tests.conftest import shared_export
-from tests.quant.conftest import ids, logits, mean_kl, shared_tiny
+from tests.quant.conftest import ids, logits, mean_kl, nodes, shared_tiny
 
 
 def _matmuls(q) -> dict[str, onnx.NodeProto]:
-    model = onnx.load(q / "model.onnx", load_external_data=False)
-    return {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    return nodes(q, "MatMulNBits")
 
 
 def _attr(node, name):

@@ -4,14 +4,13 @@ its bytes, as smollm2's does; tiny's embedding is untied and keeps its own int8 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import helper
 
 from edgellama import folder
 from edgellama.errors import QuantError
 from edgellama.quant.registry import check_request
-from tests.quant.conftest import ids, logits, mean_kl, shared_tiny
+from tests.quant.conftest import ids, logits, mean_kl, nodes, shared_tiny
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +21,13 @@ def pair(tmp_path_factory):
     return fp32, quantize_folder(fp32, tmp_path_factory.mktemp("lm-head-bits") / "int4", mode="int4", lm_head_bits=4)
 
 
-def _nodes(q, op):
-    model = onnx.load(q / "model.onnx", load_external_data=False)
-    return {n.name: n for n in model.graph.node if n.op_type == op}
-
-
 def test_lm_head_is_4_bit(pair):
     fp32, four = pair
     assert not folder.read_manifest(fp32).config["tie_word_embeddings"]
-    head = _nodes(four, "MatMulNBits")["lm_head/MatMulNBits"]
+    head = nodes(four, "MatMulNBits")["lm_head/MatMulNBits"]
     assert helper.get_node_attr_value(head, "bits") == 4
     assert len(head.input) == 3                      # symmetric: no zero points
-    (gather,) = _nodes(four, "GatherBlockQuantized").values()
+    (gather,) = nodes(four, "GatherBlockQuantized").values()
     assert helper.get_node_attr_value(gather, "bits") == 8
     entry = folder.read_manifest(four).quantization[0]
     assert entry["lm_head_bits"] == 4 and entry["embedding"] == "int8"
